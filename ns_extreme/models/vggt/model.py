@@ -1,0 +1,70 @@
+"""VGGT: images -> camera pose encodings, depth maps and world point maps (Wang et al., CVPR 2025)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ns_extreme.models.vggt.aggregator import Aggregator
+from ns_extreme.models.vggt.camera_head import CameraHead
+from ns_extreme.models.vggt.config import VGGTConfig
+from ns_extreme.models.vggt.dpt_head import DPTHead
+
+HEADS = ("camera", "depth", "points")
+IGNORED_CHECKPOINT_PREFIXES = ("track_head.",)
+"""Official checkpoint keys this implementation does not use: the point-tracking head is not implemented."""
+
+
+class VGGT(nn.Module):
+    def __init__(self, cfg: VGGTConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg = cfg or VGGTConfig()
+        self.aggregator = Aggregator(cfg)
+        dim = 2 * cfg.embed_dim
+        self.camera_head = CameraHead(dim, cfg.camera_trunk_depth, cfg.camera_num_heads, cfg.mlp_ratio)
+        dpt = dict(patch_size=cfg.patch_size, features=cfg.dpt_features, out_channels=cfg.dpt_out_channels, taps=cfg.dpt_taps)
+        self.point_head = DPTHead(dim, output_dim=4, activation="inv_log", **dpt)
+        self.depth_head = DPTHead(dim, output_dim=2, activation="exp", **dpt)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        self.aggregator.gradient_checkpointing = enabled
+        self.aggregator.patch_embed.gradient_checkpointing = enabled
+
+    def forward(self, images: torch.Tensor, heads: Iterable[str] = HEADS) -> dict[str, torch.Tensor]:
+        """images [S, 3, H, W] or [B, S, 3, H, W] in [0, 1], H and W multiples of the patch size.
+
+        Returns (for the requested heads) ``pose_enc [B,S,9]`` (world-to-camera, OpenCV, world = frame 0),
+        ``pose_enc_list``, ``depth [B,S,H,W,1]``, ``depth_conf [B,S,H,W]``, ``world_points [B,S,H,W,3]``,
+        ``world_points_conf [B,S,H,W]``.
+        """
+        heads = tuple(heads)
+        unknown = set(heads) - set(HEADS)
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+        if images.ndim == 4:
+            images = images[None]
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        p = self.cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"image height and width must be multiples of {p}, got {H}x{W}")
+
+        last = self.cfg.depth - 1
+        keep = set(self.cfg.dpt_taps) if {"depth", "points"} & set(heads) else set()
+        if "camera" in heads:
+            keep.add(last)
+        layers = self.aggregator(images, keep)
+        start = self.aggregator.patch_start_idx
+        out: dict[str, torch.Tensor] = {}
+        if "camera" in heads:
+            encodings = self.camera_head(layers[last][:, :, 0], self.cfg.camera_iterations)
+            out["pose_enc"], out["pose_enc_list"] = encodings[-1], encodings
+        chunk = self.cfg.dpt_frames_chunk
+        if "depth" in heads:
+            out["depth"], out["depth_conf"] = self.depth_head(layers, start, (H, W), chunk)
+        if "points" in heads:
+            out["world_points"], out["world_points_conf"] = self.point_head(layers, start, (H, W), chunk)
+        return out

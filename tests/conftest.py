@@ -1,0 +1,32 @@
+"""Shared fixtures. Real scenes come from ../shared/data/dev_small (research data, never packaged)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("NS_EXTREME_SHARED", REPO_ROOT.parent / "shared"))
+DEV_SMALL = SHARED_DIR / "data" / "dev_small"
+BIAS_CKPTS = SHARED_DIR / "fixtures" / "bias_ckpts"
+STATE_DICT_KEYS = SHARED_DIR / "fixtures" / "state_dict_keys"
+SCENES = ("strecha_fountain-P11", "strecha_Herz-Jesus-P8", "strecha_castle-P19_odd9", "hloc_sacre_coeur")
+
+
+@pytest.fixture(scope="session")
+def dev_small() -> Path:
+    if not DEV_SMALL.is_dir():
+        pytest.fail(f"test data missing: {DEV_SMALL} (clone the project next to ../shared)")
+    return DEV_SMALL
+
+
+@pytest.fixture(scope="session")
+def bias_ckpts() -> Path:
+    return BIAS_CKPTS
+
+
+@pytest.fixture(scope="session")
+def state_dict_keys() -> Path:
+    return STATE_DICT_KEYS

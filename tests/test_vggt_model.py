@@ -1,0 +1,124 @@
+"""VGGT backbone: official key layout, tiny-model forward contract, determinism, memory-bounding options."""
+
+from __future__ import annotations
+
+import ast
+
+import pytest
+import torch
+
+from ns_extreme.models.vggt import VGGT, VGGTConfig
+
+
+def read_key_list(path) -> dict[str, tuple[int, ...]]:
+    keys = {}
+    for line in path.read_text().splitlines():
+        name, rest = line.split(" ", 1)
+        keys[name] = tuple(ast.literal_eval(rest.rsplit(" ", 1)[0]))
+    return keys
+
+
+def test_state_dict_equals_official_vggt_1b_keys(state_dict_keys):
+    official = read_key_list(state_dict_keys / "vggt_1b.txt")
+    assert len(official) == 1797
+    with torch.device("meta"):
+        model = VGGT()
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: v for k, v in official.items() if not k.startswith("track_head.")}
+    assert list(ours) == list(expected)  # same names, same order
+    assert ours == expected  # same shapes
+    assert sum(v.numel() for v in model.state_dict().values()) == 1_256_537_516 - 65_941_396
+
+
+@pytest.fixture(scope="module")
+def tiny() -> VGGT:
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.tiny()).eval()
+    # Default init zeroes biases and sets LayerScale to 0.01, which would hide wiring mistakes.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("bias", "gamma", "token")) or p.ndim == 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_tiny_forward_shapes(tiny):
+    x = torch.rand(3, 3, 56, 70)
+    with torch.no_grad():
+        out = tiny(x)
+    assert out["pose_enc"].shape == (1, 3, 9)
+    assert len(out["pose_enc_list"]) == 4
+    assert out["depth"].shape == (1, 3, 56, 70, 1)
+    assert out["depth_conf"].shape == (1, 3, 56, 70)
+    assert out["world_points"].shape == (1, 3, 56, 70, 3)
+    assert out["world_points_conf"].shape == (1, 3, 56, 70)
+    assert (out["depth"] > 0).all() and (out["depth_conf"] > 1).all() and (out["world_points_conf"] > 1).all()
+    assert (out["pose_enc"][..., 7:] >= 0).all()  # field of view goes through ReLU
+    assert all(torch.isfinite(v).all() for k, v in out.items() if torch.is_tensor(v))
+
+
+def test_tiny_forward_is_deterministic_and_batch_consistent(tiny):
+    torch.manual_seed(1)
+    x = torch.rand(2, 3, 3, 42, 56)
+    with torch.no_grad():
+        batched = tiny(x)
+        again = tiny(x)
+        single = tiny(x[1])
+    for key in ("pose_enc", "depth", "world_points"):
+        assert torch.equal(batched[key], again[key])
+        torch.testing.assert_close(batched[key][1:], single[key], rtol=1e-5, atol=1e-5)
+
+
+def test_frame_zero_is_the_reference(tiny):
+    """Frame 0 gets its own camera/register tokens: swapping frames changes the answer."""
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 56, 56)
+    with torch.no_grad():
+        a = tiny(x, heads=("camera",))["pose_enc"]
+        b = tiny(x.flip(0), heads=("camera",))["pose_enc"]
+    assert not torch.allclose(a, b.flip(1), atol=1e-4)
+
+
+def test_heads_subset_and_dpt_chunking_do_not_change_outputs(tiny):
+    torch.manual_seed(3)
+    x = torch.rand(5, 3, 42, 42)
+    with torch.no_grad():
+        full = tiny(x)
+        camera_only = tiny(x, heads=("camera",))
+        chunked = VGGT(VGGTConfig(**{**tiny.cfg.__dict__, "dpt_frames_chunk": 2}))
+        chunked.load_state_dict(tiny.state_dict())
+        chunked_out = chunked.eval()(x)
+    assert set(camera_only) == {"pose_enc", "pose_enc_list"}
+    assert torch.equal(camera_only["pose_enc"], full["pose_enc"])
+    torch.testing.assert_close(chunked_out["depth"], full["depth"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked_out["world_points"], full["world_points"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((2, 3, 50, 56), "multiples of 14"), ((2, 4, 56, 56), "expected images"), ((3, 56, 56), "expected images")],
+)
+def test_bad_input_shapes_raise(tiny, shape, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(torch.rand(*shape))
+
+
+def test_unknown_head_raises(tiny):
+    with pytest.raises(ValueError, match="unknown heads"):
+        tiny(torch.rand(1, 3, 56, 56), heads=("tracks",))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny):
+    torch.manual_seed(4)
+    x = torch.rand(2, 3, 28, 42)
+    grads = []
+    for checkpointing in (False, True):
+        tiny.zero_grad()
+        tiny.set_gradient_checkpointing(checkpointing)
+        tiny.requires_grad_(True)
+        tiny(x, heads=("camera",))["pose_enc"].square().sum().backward()
+        grads.append(tiny.aggregator.global_blocks[23].attn.qkv.bias.grad.clone())
+    tiny.set_gradient_checkpointing(False)
+    tiny.requires_grad_(False)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-7)
