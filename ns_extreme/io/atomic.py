@@ -1,0 +1,148 @@
+"""Atomic file and folder writes: a failed or interrupted run never leaves a half-written output.
+
+Files are written to a temporary sibling (same folder, so `os.replace` is atomic), fsynced, then
+renamed over the target. Folders are built in a hidden sibling (`.<name>.tmp-XXXX`) and renamed
+into place only when the whole body succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = [
+    "OutputExistsError",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "staged_output_dir",
+    "torch_save_atomic",
+]
+
+
+class OutputExistsError(FileExistsError):
+    """The output already exists and overwriting was not requested."""
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # fallback: read by setting, then restore at once
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename in `folder` (best effort; not supported on every OS/filesystem)."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
+    """Call `write(f)` on a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = (target.stat().st_mode & 0o7777) if target.is_file() else (0o666 & ~_current_umask())
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns the path."""
+    return _atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write `text` to `path` atomically (no newline translation); returns the path."""
+    return atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:
+    """Serialise `obj` as JSON (NaN/Infinity rejected: they are not JSON) and write it atomically."""
+    text = json.dumps(obj, indent=indent, allow_nan=False, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """`torch.save(obj, path)` through a temp file, so a crash never leaves a truncated checkpoint."""
+    import torch  # local: keeps this module importable without paying for torch
+
+    return _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def _refuse_existing(final: Path, overwrite: bool) -> None:
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not overwrite:
+        raise OutputExistsError(f"output folder already exists: {final} (pass --overwrite to replace it)")
+    if final.is_symlink() or not final.is_dir():
+        raise OutputExistsError(f"output path exists and is not a folder, refusing to replace it: {final}")
+
+
+@contextlib.contextmanager
+def staged_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder to fill; publish it as `final_dir` if the body succeeds.
+
+    An existing `final_dir` is refused on enter (before any work) unless `overwrite`; with
+    `overwrite` the old folder is moved aside, the new one renamed in, then the old one deleted
+    (restored if the rename fails). On any exception, KeyboardInterrupt included, the staging
+    folder is removed and the exception re-raised; `final_dir` is left as it was.
+    """
+    final = Path(final_dir).absolute()
+    _refuse_existing(final, overwrite)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        os.chmod(staging, 0o777 & ~_current_umask())
+        yield staging
+        _refuse_existing(final, overwrite)  # something may have appeared while we worked
+        _publish(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, final: Path) -> None:
+    """Rename `staging` to `final`, moving an existing `final` aside first and deleting it after."""
+    aside: Path | None = None
+    if final.exists():
+        aside = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+        os.rename(final, aside)
+    try:
+        os.rename(staging, final)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, final)
+        raise
+    _fsync_dir(final.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            warnings.warn(f"could not delete the replaced output {aside}; remove it by hand", stacklevel=4)
