@@ -1,0 +1,1 @@
+"""Input/output: image reading and preprocessing, COLMAP, transforms.json, PLY and depth files."""
