@@ -66,7 +66,7 @@ def load_model(
     """Return an eval-mode backbone with frozen parameters; ``model.load_report`` says what was loaded.
 
     ``weights``: a Hugging Face id (default: the model's official one), a local .safetensors/.pt/.pth file or
-    folder, or ``"random"``. ``alignment``: ``"aligned"`` (the paper's released biases), ``"pretrained"`` or a
+    folder, or ``"random"`` (seeded random initialisation with plausible camera outputs, for tests and benchmarks). ``alignment``: ``"aligned"`` (the paper's released biases), ``"pretrained"`` or a
     path to a bias checkpoint. ``config``: model sizes (default: full size), e.g. ``VGGTConfig.tiny()``.
     """
     spec = get_spec(name)
@@ -75,6 +75,7 @@ def load_model(
     if weights == RANDOM_WEIGHTS:
         torch.manual_seed(seed)
         model = spec.build(config)
+        spec.make_outputs_plausible(model)
     else:
         resolved = resolve_weights(weights)
         weights_file, weights_fp = str(resolved.path), fingerprint(resolved.path)

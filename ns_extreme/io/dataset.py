@@ -1,0 +1,168 @@
+"""Write a Reconstruction as a nerfstudio dataset that COLMAP-reading trainers can use too.
+
+Layout (product spec 2.1): images/, transforms.json (original resolution, OpenGL camera-to-world),
+sparse_pc.ply, depth/ (optional), colmap/sparse/0/, extreme_poses.json. Everything is staged in a hidden
+sibling folder and published by one rename, so a failed or interrupted run leaves nothing half-written.
+
+World frames: colmap/ and extreme_poses.json use the reconstruction's world (the model's frame 0 with
+OpenCV axes, or the --poses-from world). transforms.json and sparse_pc.ply are that world mapped by
+``applied_transform``, exactly like ``ns-process-data`` does for COLMAP input (y-down -> z-up), except for
+--poses-from transforms.json, whose world is kept as is.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+from PIL import Image
+
+import ns_extreme
+from ns_extreme.io.atomic import atomic_write_json, staged_output_dir
+from ns_extreme.io.colmap_model import write_colmap_model
+from ns_extreme.io.depth import write_depth_npy, write_depth_png_mm
+from ns_extreme.io.images import PreprocessRecord, load_rgb
+from ns_extreme.io.ply import write_ply
+from ns_extreme.io.transforms_json import apply_world_transform, write_transforms_json
+
+COLMAP_TO_NERFSTUDIO = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0]])
+"""nerfstudio's applied_transform for COLMAP worlds: (x, y, z) -> (x, z, -y)."""
+EXIF_ORIENTATION = 0x0112
+
+DepthFormat = Literal["png", "npy", "none"]
+
+
+def depth_at_original_resolution(depth_pre: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """Nearest-neighbour resample of a preprocessed depth map onto the original pixel grid (0 = not seen,
+    e.g. rows removed by the crop)."""
+    H, W = record.original_hw
+    u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
+    uv = record.points_to_preprocessed(np.stack([u, v], axis=-1))
+    col = np.floor(uv[..., 0]).astype(np.int64)
+    row = np.floor(uv[..., 1]).astype(np.int64)
+    x0, y0, x1, y1 = record.valid_region_preprocessed()
+    inside = (col >= x0) & (col < x1) & (row >= y0) & (row < y1)
+    out = np.zeros((H, W), dtype=np.float32)
+    out[inside] = depth_pre[row[inside], col[inside]]
+    return out
+
+
+def _needs_reencoding(path: Path) -> bool:
+    """nerfstudio reads images with plain PIL: re-encode what it would read differently from our loader."""
+    try:
+        with Image.open(path) as img:
+            rotated = img.getexif().get(EXIF_ORIENTATION, 1) not in (None, 1)
+            return rotated or img.mode not in ("RGB", "L") or img.format not in ("JPEG", "PNG")
+    except OSError:
+        return True
+
+
+def _export_image(src: Path, images_dir: Path) -> str:
+    if _needs_reencoding(src):
+        name = f"{src.stem}.png"
+        Image.fromarray(load_rgb(src)).save(images_dir / name)
+    else:
+        name = src.name
+        shutil.copy2(src, images_dir / name)
+    return f"images/{name}"
+
+
+def _unique_names(paths: list[Path]) -> None:
+    names = [p.name for p in paths]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"images with the same file name cannot share one dataset: {duplicates[:5]}")
+
+
+def _provenance(recon, applied: np.ndarray, extra: Optional[dict[str, Any]], image_files: list[str]) -> dict[str, Any]:
+    return {
+        "ns_extreme_version": ns_extreme.__version__,
+        **recon.provenance,
+        **(extra or {}),
+        "world": {
+            "source": recon.world_source,
+            "convention": "colmap/ and the poses below: world-to-camera, OpenCV axes; transforms.json: applied_transform @ world",
+            "applied_transform": applied.tolist(),
+        },
+        "views": [
+            {
+                "file": image_files[i],
+                "source": str(recon.image_paths[i]),
+                "width": int(recon.sizes_wh[i, 0]),
+                "height": int(recon.sizes_wh[i, 1]),
+                "intrinsics_source": recon.intrinsics_source[i],
+                "confidence": float(recon.view_confidence[i]),
+                "w2c_opencv": recon.w2c_opencv[i].tolist(),
+                "K": recon.intrinsics[i].tolist(),
+                **(
+                    {"pretrained_w2c_opencv": recon.pretrained_w2c_opencv[i].tolist()}
+                    if recon.pretrained_w2c_opencv is not None
+                    else {}
+                ),
+                "preprocess": {
+                    "mode": recon.records[i].mode,
+                    "resized_hw": list(recon.records[i].resized_hw),
+                    "crop_offset_xy": list(recon.records[i].crop_offset_xy),
+                    "pad_offset_xy": list(recon.records[i].pad_offset_xy),
+                    "final_hw": list(recon.records[i].final_hw),
+                },
+            }
+            for i in range(recon.num_views)
+        ],
+        "pairs": [vars(p) for p in recon.pairs],
+        "chunk_joins": recon.chunk_residuals,
+        "points": {"count": int(len(recon.points_xyz)), "mean_confidence": float(recon.points_conf.mean()) if len(recon.points_conf) else None},
+        "timings_s": recon.timings,
+    }
+
+
+def write_dataset(
+    recon,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    depth_format: DepthFormat = "png",
+    extra_provenance: Optional[dict[str, Any]] = None,
+) -> Path:
+    """Write ``recon`` (a ns_extreme.posing.Reconstruction) to ``output_dir``; returns the folder."""
+    _unique_names(recon.image_paths)
+    if depth_format not in ("png", "npy", "none"):
+        raise ValueError(f"depth format must be png, npy or none, got {depth_format!r}")
+    applied = np.eye(4)[:3] if recon.world_source == "transforms" else COLMAP_TO_NERFSTUDIO
+    final = Path(output_dir)
+    with staged_output_dir(final, overwrite=overwrite) as out:
+        (out / "images").mkdir()
+        image_files = [_export_image(p, out / "images") for p in recon.image_paths]
+        depth_files = None
+        if depth_format != "none":
+            (out / "depth").mkdir()
+            depth_files = []
+            for i, rel in enumerate(image_files):
+                depth = depth_at_original_resolution(recon.depth[i], recon.records[i])
+                name = f"depth/{Path(rel).stem}.{depth_format}"
+                (write_depth_png_mm if depth_format == "png" else write_depth_npy)(out / name, depth)
+                depth_files.append(name)
+        write_ply(out / "sparse_pc.ply", apply_world_transform(applied, recon.points_xyz), recon.points_rgb)
+        write_transforms_json(
+            out / "transforms.json",
+            image_files,
+            recon.w2c_opencv,
+            recon.intrinsics,
+            recon.sizes_wh,
+            applied_transform=applied,
+            ply_file_path="sparse_pc.ply",
+            depth_paths_rel=depth_files,
+            extra={"ns_extreme": "extreme_poses.json"},
+        )
+        write_colmap_model(
+            out / "colmap" / "sparse" / "0",
+            [Path(f).name for f in image_files],
+            recon.w2c_opencv,
+            recon.intrinsics,
+            recon.sizes_wh,
+            recon.points_xyz,
+            recon.points_rgb,
+        )
+        atomic_write_json(out / "extreme_poses.json", _provenance(recon, applied, extra_provenance, image_files))
+    return final

@@ -1,0 +1,76 @@
+"""Bounded-memory posing of large collections: overlapping chunks joined by robust Sim(3) on shared frames."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ns_extreme.geometry.projection import unproject_depth
+from ns_extreme.geometry.sim3 import robust_sim3, transform_w2c_opencv
+from ns_extreme.posing.backbone import FramePredictions
+
+SAMPLES_PER_SHARED_FRAME = 4000
+
+
+def chunk_ranges(num_frames: int, max_frames: int, overlap: int) -> list[list[int]]:
+    """Consecutive windows of at most ``max_frames`` sharing ``overlap`` frames with the previous one."""
+    if not max_frames or num_frames <= max_frames:
+        return [list(range(num_frames))]
+    ranges, start = [], 0
+    while True:
+        end = min(start + max_frames, num_frames)
+        ranges.append(list(range(start, end)))
+        if end == num_frames:
+            return ranges
+        start = end - overlap
+
+
+def _shared_points(pred: FramePredictions, local: int, other: FramePredictions, other_local: int, rng: np.random.Generator):
+    """Matching 3D points of one frame as seen by two passes (same pixel, each pass's depth and camera)."""
+    conf = np.minimum(pred.confidence[local], other.confidence[other_local])
+    good = np.flatnonzero((conf >= np.median(conf)).ravel() & (pred.depth[local].ravel() > 0) & (other.depth[other_local].ravel() > 0))
+    pick = rng.choice(good, size=min(SAMPLES_PER_SHARED_FRAME, len(good)), replace=False)
+    src = unproject_depth(pred.depth[local], pred.intrinsics[local], pred.w2c_opencv[local]).reshape(-1, 3)[pick]
+    dst = unproject_depth(other.depth[other_local], other.intrinsics[other_local], other.w2c_opencv[other_local]).reshape(-1, 3)[pick]
+    return src, dst, conf.ravel()[pick]
+
+
+def predict_in_chunks(
+    predict: Callable[[torch.Tensor], FramePredictions],
+    images: torch.Tensor,
+    max_frames: int,
+    overlap: int,
+    on_chunk: Callable[[int, int], None] = lambda done, total: None,
+    seed: int = 0,
+) -> tuple[FramePredictions, list[dict[str, float]]]:
+    """Predictions for all frames in the world of the first chunk, and per-join residual statistics."""
+    ranges = chunk_ranges(images.shape[0], max_frames, overlap)
+    rng = np.random.default_rng(seed)
+    merged: FramePredictions | None = None
+    residuals = []
+    for c, frames in enumerate(ranges):
+        pred = predict(images[frames])
+        if merged is None:
+            merged = pred
+            on_chunk(c + 1, len(ranges))
+            continue
+        shared = [f for f in frames if f < merged.w2c_opencv.shape[0]]
+        pairs = [_shared_points(pred, frames.index(f), merged, f, rng) for f in shared]
+        src, dst, weight = (np.concatenate(x) for x in zip(*pairs))
+        sim, res = robust_sim3(src, dst, weights=weight)
+        scale = float(np.median(np.linalg.norm(dst - dst.mean(0), axis=1)))
+        residuals.append(
+            {"chunk": c, "shared_frames": len(shared), "median": float(np.median(res)) / scale, "p90": float(np.percentile(res, 90)) / scale}
+        )
+        new = [frames.index(f) for f in frames if f not in shared]
+        merged = FramePredictions(
+            w2c_opencv=np.concatenate([merged.w2c_opencv, transform_w2c_opencv(pred.w2c_opencv[new], sim)]),
+            intrinsics=np.concatenate([merged.intrinsics, pred.intrinsics[new]]),
+            depth=np.concatenate([merged.depth, pred.depth[new] * np.float32(sim.scale)]),
+            confidence=np.concatenate([merged.confidence, pred.confidence[new]]),
+        )
+        on_chunk(c + 1, len(ranges))
+    assert merged is not None
+    return merged, residuals

@@ -1,0 +1,46 @@
+"""``--poses-from``: keep user-given poses exactly and place the other views by a similarity alignment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ns_extreme.geometry.sim3 import Sim3, sim3_from_camera_pairs
+
+
+@dataclass
+class KnownPoses:
+    names: list[str]
+    w2c_opencv: np.ndarray
+    intrinsics: np.ndarray
+    sizes_wh: np.ndarray
+    source: str
+
+
+def read_known_poses(path: Path) -> KnownPoses:
+    """A COLMAP model folder (cameras/images .bin or .txt) or a transforms.json (file or its folder)."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json" or (path / "transforms.json").is_file():
+        from ns_extreme.io.transforms_json import read_transforms_json
+
+        names, w2c, K, sizes, _ = read_transforms_json(path, in_original_world=False)
+        return KnownPoses([Path(n).name for n in names], w2c, K, sizes, f"transforms.json {path}")
+    if path.is_dir():
+        from ns_extreme.io.colmap_model import read_colmap_model
+
+        model = read_colmap_model(path)
+        return KnownPoses([Path(n).name for n in model.image_names], model.w2c_opencv, model.K, model.sizes_wh, f"COLMAP {path}")
+    raise FileNotFoundError(f"--poses-from {path}: expected a COLMAP model folder or a transforms.json")
+
+
+def match_known(image_paths: list[Path], known: KnownPoses) -> dict[int, int]:
+    """view index -> known index, by file name."""
+    index = {name: k for k, name in enumerate(known.names)}
+    return {i: index[p.name] for i, p in enumerate(image_paths) if p.name in index}
+
+
+def sim3_to_known(w2c_pred: np.ndarray, w2c_known: np.ndarray) -> Sim3:
+    """Similarity taking the model's world to the known world, from the views posed in both."""
+    return sim3_from_camera_pairs(w2c_pred, w2c_known)

@@ -1,0 +1,43 @@
+"""Options of the posing pipeline (shared by ``ns-process-data extreme-poses`` and the ``extreme3d`` parser)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+
+@dataclass
+class PosingOptions:
+    preprocess: Literal["crop", "pad"] = "crop"
+    """VGGT preprocessing: crop (518 wide, centre-cropped to 518 tall) or pad (longer side 518, padded square)."""
+    intrinsics: str = "auto"
+    """auto: predicted focal lengths; exif: 35 mm-equivalent EXIF focal where present, predicted elsewhere;
+    shared: one focal length (the median prediction) for all views; 'fx,fy,cx,cy': known, in original pixels."""
+    poses_from: Optional[Path] = None
+    """COLMAP model folder or transforms.json with known poses for some or all views (matched by file name)."""
+    conf_percentile: float = 50.0
+    """Drop points whose confidence is below this percentile (per view)."""
+    max_points: int = 100_000
+    """Point budget of the initial point cloud (random subset after voxel downsampling)."""
+    voxel_size: float = 0.0
+    """Voxel size for point downsampling, in units of the median camera-to-point distance (0 = off)."""
+    edge_threshold: float = 0.05
+    """Drop points at depth discontinuities: relative depth change to a neighbour above this."""
+    max_frames_per_pass: int = 0
+    """Run the model on overlapping chunks of at most this many frames and stitch them (0 = all at once)."""
+    chunk_overlap: int = 4
+    """Frames shared by consecutive chunks (used for the Sim(3) join)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.conf_percentile < 100:
+            raise ValueError(f"--conf-percentile must be in [0, 100), got {self.conf_percentile}")
+        if self.max_points < 1:
+            raise ValueError(f"--max-points must be positive, got {self.max_points}")
+        if self.max_frames_per_pass and self.max_frames_per_pass <= self.chunk_overlap:
+            raise ValueError(
+                f"--max-frames-per-pass ({self.max_frames_per_pass}) must exceed --chunk-overlap ({self.chunk_overlap})"
+            )
+        if self.chunk_overlap < 1:
+            raise ValueError("--chunk-overlap must be at least 1")

@@ -1,0 +1,61 @@
+"""The result of posing: everything the exporters and viewers need, at the original image resolution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from ns_extreme.io.images import PreprocessRecord
+
+
+@dataclass
+class PairDiagnostic:
+    i: int
+    j: int
+    angle_deg: float
+    """Predicted relative rotation angle between views i and j."""
+    overlap: str
+    """Estimated overlap class (large / small / none) from the predicted rotation and fields of view."""
+    pretrained_angle_deg: Optional[float] = None
+    """The same angle from the pretrained model (with --compare-pretrained)."""
+    model_disagreement_deg: Optional[float] = None
+    """Geodesic angle between the aligned and pretrained relative rotations."""
+
+
+@dataclass
+class Reconstruction:
+    image_paths: list[Path]
+    sizes_wh: np.ndarray
+    """[N, 2] original (EXIF-upright) image sizes."""
+    w2c_opencv: np.ndarray
+    """[N, 3, 4] float64 world-to-camera, OpenCV axes."""
+    intrinsics: np.ndarray
+    """[N, 3, 3] float64 at the original resolution."""
+    records: list[PreprocessRecord]
+    depth: np.ndarray
+    """[N, h, w] float32 z-depth at the preprocessed resolution, in world units (0 = padding)."""
+    confidence: np.ndarray
+    """[N, h, w] float32 depth confidence at the preprocessed resolution."""
+    points_xyz: np.ndarray
+    points_rgb: np.ndarray
+    points_conf: np.ndarray
+    view_confidence: np.ndarray
+    """[N] mean depth confidence over the real (unpadded) pixels of each view."""
+    intrinsics_source: list[str]
+    """Per view: predicted / exif / shared / given / known-pose."""
+    pairs: list[PairDiagnostic] = field(default_factory=list)
+    pretrained_w2c_opencv: Optional[np.ndarray] = None
+    """[N, 3, 4] poses from the pretrained model, aligned into this world (with --compare-pretrained)."""
+    chunk_residuals: list[dict[str, float]] = field(default_factory=list)
+    """Per chunk join: median and 90th-percentile point residual relative to the scene scale."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    world_source: str = "model"
+    """model: frame 0 of the model (OpenCV axes) is the world; colmap / transforms: the world of --poses-from."""
+
+    @property
+    def num_views(self) -> int:
+        return len(self.image_paths)
