@@ -1,0 +1,345 @@
+"""``extreme-poses``: pose a folder of photos and write a nerfstudio dataset (no nerfstudio import here).
+
+The same ``ExtremePoses`` command is offered by ``ns-process-data extreme-poses`` (nerfstudio's stock
+subcommands plus ours, see ``ns_extreme.nerfstudio.process_data``), by ``ns-extreme-process-data
+extreme-poses`` and by ``python -m ns_extreme.cli.process``. ``run_cli`` / ``run_guarded`` turn user
+errors into one red ``error: ...`` line on stderr and exit code 2 (no traceback), and Ctrl-C into
+``interrupted`` with exit code 130; the dataset writer stages everything in a hidden folder, so an
+interrupted or failed run leaves no half-written output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Sequence
+
+import tyro
+from typing_extensions import Annotated
+
+from ns_extreme.posing.options import PosingOptions
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+TINY_TARGET_SIZE = 140
+"""Network input width used with ``--config tiny`` (a multiple of the 14-pixel patch; keeps tests fast)."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is meant for the user (bugs keep their traceback)."""
+    from ns_extreme.io.images import ImageReadError
+    from ns_extreme.models import ModelLoadError
+    from ns_extreme.posing.backbone import NonFiniteOutputError
+
+    return (
+        ValueError,  # includes ModelLoadError, ImageReadError
+        FileNotFoundError,
+        FileExistsError,  # includes ns_extreme.io.atomic.OutputExistsError
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+        ModelLoadError,
+        ImageReadError,
+        NonFiniteOutputError,
+    )
+
+
+def _memory_hint(exc: BaseException) -> Optional[str]:
+    """A message for out-of-memory failures (torch's OutOfMemoryError is a RuntimeError)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return (
+            "out of memory while posing; try --max-frames-per-pass 16 (overlapping chunks), "
+            "--dtype bf16/fp16 on a GPU, or fewer images"
+        )
+    return None
+
+
+def print_error(message: str) -> None:
+    """One red ``error: <message>`` line on stderr (newlines folded, no wrapping)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    one_line = " ".join(str(message).split()) or "unknown error"
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(one_line)}")
+
+
+def run_guarded(fn: Callable[[], Any], verbose: Callable[[], bool] = lambda: False) -> int:
+    """Call ``fn`` and map user errors to exit code 2 (one line), Ctrl-C to 130; returns the exit code.
+
+    ``verbose()`` is asked after a failure: when true the traceback is printed before the error line.
+    SystemExit (tyro's own usage errors, ``--help``) passes through unchanged.
+    """
+    try:
+        fn()
+    except KeyboardInterrupt:
+        from rich.console import Console
+
+        Console(stderr=True).print("[bold red]interrupted[/bold red] (nothing was written)")
+        return EXIT_INTERRUPTED
+    except BaseException as exc:  # noqa: BLE001 - filtered below
+        if isinstance(exc, SystemExit):
+            raise
+        hint = _memory_hint(exc)
+        if hint is None and not isinstance(exc, _user_error_types()):
+            raise
+        if verbose():
+            traceback.print_exc()
+        print_error(hint or str(exc) or type(exc).__name__)
+        return EXIT_USER_ERROR
+    return 0
+
+
+def run_cli(cls: Any, args: Optional[Sequence[str]] = None, **tyro_kwargs: Any) -> int:
+    """Parse ``args`` (default: ``sys.argv[1:]``) into ``cls`` with tyro, call ``.main()``; returns the exit code.
+
+    Errors raised while parsing (option validation in ``__post_init__``) are user errors too.
+    """
+    parsed: list[Any] = []
+
+    def go() -> None:
+        parsed.append(tyro.cli(cls, args=args, **tyro_kwargs))
+        parsed[0].main()
+
+    return run_guarded(go, verbose=lambda: bool(parsed and getattr(parsed[0], "verbose", False)))
+
+
+# ------------------------------------------------------------------------------------------ the command
+
+
+def tiny_wiring_model(model: Any) -> Any:
+    """Make a randomly initialised ``VGGTConfig.tiny()`` model output sane cameras (testing only).
+
+    A random camera head can output a zero or negative field of view (ReLU), which the pipeline reports
+    as NaN/Inf. Scale the last pose layer down and set its bias so that, summed over the refinement
+    iterations, the encoding is about ``[0,0,0, 0,0,0,1, 0.9, 1.1]``: identity-ish rotations, small
+    per-view translations, ~52°/63° fields of view. Depth/points stay random. This is a wiring test
+    model: its poses mean nothing.
+    """
+    import torch
+
+    head = model.camera_head
+    fc2 = head.pose_branch.fc2
+    iterations = int(getattr(getattr(model, "config", None), "camera_iterations", 4) or 4)
+    with torch.no_grad():
+        fc2.weight.mul_(0.01)
+        target = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.9, 1.1], dtype=fc2.bias.dtype)
+        fc2.bias.copy_(target.to(fc2.bias.device) / iterations)
+    return model
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process in MB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+@dataclass
+class PoseModelOptions:
+    """Which backbone to run and where (shared by ``extreme-poses`` and the ``extreme3d`` dataparser)."""
+
+    model: Literal["vggt"] = "vggt"
+    """Backbone (pi3 will be added)."""
+    weights: Optional[str] = None
+    """Base weights: a Hugging Face id, a local .safetensors/.pt/.pth file or folder, or 'random' (default: the model's official weights, facebook/VGGT-1B for vggt)."""
+    alignment: str = "aligned"
+    """aligned: the paper's bias checkpoint for this model; pretrained: unmodified weights; or a path to a bias checkpoint (from ns-extreme-align)."""
+    config: Literal["full", "tiny"] = "full"
+    """Model size. 'tiny' is a few-MB wiring-test model for the test-suite only (use with --weights random); its poses mean nothing."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to run the model (auto: cuda, then mps, then cpu)."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision (auto: bf16/fp16 on CUDA, bf16 on CPUs with fast bf16, else fp32)."""
+
+
+def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print):
+    """Load the model(s) named by ``opts``; returns (backbone, compare_backbone or None, load report)."""
+    import torch
+
+    from ns_extreme.models import get_spec, load_model
+    from ns_extreme.posing.backbone import VGGTBackbone
+    from ns_extreme.runtime import resolve_device, resolve_dtype
+
+    spec = get_spec(opts.model)
+    device = resolve_device(opts.device)
+    compute_dtype = resolve_dtype(opts.dtype, device)
+    model_config = None
+    target_size = 518
+    alignment: Optional[str] = opts.alignment
+    tiny = opts.config == "tiny"
+    if tiny:
+        from ns_extreme.models.vggt.config import VGGTConfig
+
+        model_config, target_size = VGGTConfig.tiny(), TINY_TARGET_SIZE
+        if alignment == "aligned":
+            say("note: --config tiny: the released alignment does not fit the tiny model; using pretrained biases")
+            alignment = "pretrained"
+    weights = opts.weights or spec.default_weights
+
+    def build(align: Optional[str]):
+        model = load_model(opts.model, weights, align, device, torch.float32, model_config)
+        if tiny and weights == "random":
+            tiny_wiring_model(model)
+        return model
+
+    model = build(alignment)
+    report = model.load_report
+    backbone = VGGTBackbone(model, dtype=compute_dtype, target_size=target_size, name=opts.model)
+    compare = None
+    if compare_pretrained:
+        if alignment in (None, "pretrained"):
+            raise ValueError("--compare-pretrained needs an alignment to compare with (not --alignment pretrained)")
+        other = build("pretrained")
+        compare = VGGTBackbone(other, dtype=compute_dtype, target_size=target_size, name=f"{opts.model}-pretrained")
+    return backbone, compare, report
+
+
+@dataclass
+class ExtremePoses:
+    """Pose a sparse photo collection (any view overlap) with a bias-aligned VGGT and write a nerfstudio
+    dataset: images/, transforms.json (original resolution), sparse_pc.ply, depth/, colmap/sparse/0 and
+    extreme_poses.json (provenance and per-pair diagnostics). Train with
+    `ns-train splatfacto --data OUTPUT_DIR` or `ns-train splatfacto extreme3d --data OUTPUT_DIR`."""
+
+    data: Path
+    """Folder of images (JPEG/PNG/WebP/BMP/TIFF, any sizes; EXIF orientation honoured; at least 2)."""
+    output_dir: Path
+    """Dataset folder to create (written atomically; refuses an existing folder without --overwrite)."""
+    backbone: Annotated[PoseModelOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PoseModelOptions)
+    posing: Annotated[PosingOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PosingOptions)
+    compare_pretrained: bool = False
+    """Also run the pretrained (unaligned) model and store its poses in extreme_poses.json for comparison."""
+    depth_format: Literal["png", "npy", "none"] = "png"
+    """Per-view depth maps: 16-bit PNG in millimetres of the dataset unit, float32 .npy, or none."""
+    overwrite: bool = False
+    """Replace an existing output folder."""
+    verbose: bool = False
+    """Log more, and print tracebacks on errors."""
+
+    def _check_paths(self) -> list[Path]:
+        from ns_extreme.io.atomic import OutputExistsError
+        from ns_extreme.io.images import scan_images
+
+        data = Path(self.data)
+        if not data.exists():
+            raise FileNotFoundError(f"--data: image folder not found: {data}")
+        if not data.is_dir():
+            raise ValueError(
+                f"--data must be a folder of images, got a file: {data} (video input is not supported yet: "
+                "extract frames first, e.g. with `ns-process-data video`)"
+            )
+        out = Path(self.output_dir).absolute()
+        src = data.absolute()
+        if out == src or out in src.parents:
+            raise ValueError(f"--output-dir {self.output_dir} contains the input images; choose another folder")
+        if (out.exists() or out.is_symlink()) and not self.overwrite:
+            raise OutputExistsError(f"output folder already exists: {self.output_dir} (pass --overwrite to replace it)")
+        listing = scan_images(data)
+        self._skipped = [p.name for p in listing.skipped]
+        if listing.skipped:
+            names = ", ".join(self._skipped[:5]) + (" ..." if len(self._skipped) > 5 else "")
+            self._console().print(f"[yellow]warning:[/yellow] skipping {len(listing.skipped)} non-image file(s): {names}")
+        if len(listing.images) < 2:
+            raise ValueError(
+                f"--data {data}: found {len(listing.images)} image(s); posing needs at least 2 "
+                "(JPEG/PNG/WebP/BMP/TIFF files directly in the folder)"
+            )
+        return list(listing.images)
+
+    def _console(self):
+        from rich.console import Console
+
+        return Console(soft_wrap=True)
+
+    def main(self) -> None:
+        from rich.markup import escape
+        from rich.table import Table
+
+        from ns_extreme.io.dataset import write_dataset
+        from ns_extreme.posing.pipeline import pose_images
+
+        logging.basicConfig(level=logging.INFO if self.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        console = self._console()
+        t0 = time.perf_counter()
+        images = self._check_paths()
+        console.print(f"[bold]extreme-poses[/bold]: {len(images)} images in {escape(str(self.data))}")
+
+        with console.status(f"loading {self.backbone.model} model ..."):
+            t = time.perf_counter()
+            backbone, compare, report = load_backbones(self.backbone, self.compare_pretrained, say=console.print)
+            load_s = time.perf_counter() - t
+        console.print(f"licence: {escape(report.licence)}")
+        console.print(escape(report.summary()))
+
+        recon = pose_images(images, backbone, self.posing, compare_backbone=compare, progress=True)
+        recon.timings["model_load_s"] = load_s
+
+        extra = {
+            "command": "extreme-poses",
+            "argv": list(sys.argv),
+            "model": _jsonable(report),
+            "model_config": self.backbone.config,
+            "network_input_size": backbone.target_size,
+            "input": {"folder": str(Path(self.data).absolute()), "images": len(images), "skipped_files": self._skipped},
+            "compare_pretrained": self.compare_pretrained,
+            "depth_format": self.depth_format,
+        }
+        with console.status("writing dataset ..."):
+            t = time.perf_counter()
+            out = write_dataset(recon, self.output_dir, overwrite=self.overwrite, depth_format=self.depth_format, extra_provenance=extra)
+            write_s = time.perf_counter() - t
+
+        total = time.perf_counter() - t0
+        table = Table(title="extreme-poses summary", show_header=False)
+        table.add_column("", style="bold")
+        table.add_column("")
+        table.add_row("views posed", f"{recon.num_views}")
+        table.add_row("mean view confidence", f"{float(recon.view_confidence.mean()):.3f} (min {float(recon.view_confidence.min()):.3f})")
+        table.add_row("points kept", f"{len(recon.points_xyz):,}")
+        sources = {s: recon.intrinsics_source.count(s) for s in sorted(set(recon.intrinsics_source))}
+        table.add_row("intrinsics", ", ".join(f"{k}: {v}" for k, v in sources.items()))
+        overlaps = {}
+        for p in recon.pairs:
+            overlaps[p.overlap] = overlaps.get(p.overlap, 0) + 1
+        if overlaps:
+            table.add_row("pair overlap (estimated)", ", ".join(f"{k}: {v}" for k, v in sorted(overlaps.items())))
+        table.add_row("time", f"{total:.1f} s (model load {load_s:.1f} s, inference {recon.timings.get('inference_s', 0.0):.1f} s, write {write_s:.1f} s)")
+        memory = f"{peak_memory_mb():,.0f} MB (process RSS)"
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+            memory += f", {torch.cuda.max_memory_allocated() / 2**20:,.0f} MB (CUDA)"
+        table.add_row("peak memory", memory)
+        table.add_row("output", escape(str(out)))
+        console.print(table)
+        console.print(
+            f"next: [bold]ns-train splatfacto --data {escape(str(out))}[/bold] "
+            f"(or [bold]ns-train splatfacto extreme3d --data {escape(str(out))}[/bold])"
+        )
+
+
+def entrypoint() -> None:
+    """``python -m ns_extreme.cli.process --data ... --output-dir ...`` (the command without nerfstudio)."""
+    raise SystemExit(run_cli(ExtremePoses))
+
+
+if __name__ == "__main__":
+    entrypoint()

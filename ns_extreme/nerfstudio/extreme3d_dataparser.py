@@ -1,0 +1,350 @@
+"""The ``extreme3d`` dataparser: reads datasets written by ``ns-process-data extreme-poses``, or poses a raw
+image folder on the fly (cached), and hands nerfstudio cameras + a seed point cloud.
+
+Usage (tyro selects dataparsers by a positional subcommand; trainer/model options go before it, dataparser
+options after it)::
+
+    ns-train splatfacto [trainer/model options] extreme3d --data DATASET_OR_IMAGE_FOLDER [extreme3d options]
+
+``--data`` may be
+* a folder holding a ``transforms.json`` (ours, or any nerfstudio-style one), or that file itself;
+* a folder of images: it is posed with the same pipeline as ``extreme-poses`` (same options, given after
+  ``extreme3d``) and the dataset is cached in ``<data>/.extreme3d`` (hidden, so the image folder still lists
+  the same images; choose another place with ``--cache-dir``). The cache is reused while the image files
+  (names, sizes, modification times) and the posing options are unchanged; ``--refresh-cache True`` re-poses.
+
+Frames: the same orientation / centring / scaling as nerfstudio's stock parsers
+(``camera_utils.auto_orient_and_center_poses`` then ``1 / max|t|`` times ``--scale-factor``); the seed
+points ``points3D_xyz`` (float32) / ``points3D_rgb`` (uint8) are mapped by the same transform and scale;
+``dataparser_transform`` = transform @ applied_transform, so ``dataparser_transforms.json`` maps the
+model's original world to the training frame, like nerfstudio's.
+
+This module is imported while nerfstudio itself is still importing (entry point, see
+``dataparser_spec``): keep its top-level imports to cameras / base_dataparser / scene_box / utils.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type
+
+import numpy as np
+import torch
+from typing_extensions import Annotated
+
+import tyro
+from nerfstudio.cameras import camera_utils
+from nerfstudio.cameras.cameras import CAMERA_MODEL_TO_TYPE, Cameras
+from nerfstudio.data.dataparsers.base_dataparser import DataParser, DataParserConfig, DataparserOutputs
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.data.utils.dataparsers_utils import (
+    get_train_eval_split_all,
+    get_train_eval_split_filename,
+    get_train_eval_split_fraction,
+    get_train_eval_split_interval,
+)
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from ns_extreme.cli.process import PoseModelOptions
+from ns_extreme.posing.options import PosingOptions
+
+CACHE_NAME = ".extreme3d"
+"""Default on-the-fly cache: ``<image folder>/.extreme3d``."""
+CACHE_KEY = "extreme3d_cache_key"
+"""Key in the cached dataset's extreme_poses.json that says what was posed and how."""
+
+
+@dataclass
+class Extreme3DDataParserConfig(DataParserConfig):
+    """ns_extreme datasets (ns-process-data extreme-poses), or raw image folders posed on the fly with VGGT."""
+
+    _target: Type = field(default_factory=lambda: Extreme3DDataParser)
+    """target class to instantiate"""
+    data: Path = Path()
+    """A dataset folder from ns-process-data extreme-poses (or its transforms.json), or a folder of images to pose on the fly (cached in <data>/.extreme3d)."""
+    scale_factor: float = 1.0
+    """How much to scale the camera origins by (after --auto-scale-poses)."""
+    scene_scale: float = 1.0
+    """How much to scale the region of interest by (aabb = [-scene_scale, scene_scale]^3)."""
+    orientation_method: Literal["pca", "up", "vertical", "none"] = "up"
+    """The method to use for orientation (nerfstudio's; 'none' keeps the saved world's axes)."""
+    center_method: Literal["poses", "focus", "none"] = "poses"
+    """The method to use to center the poses (nerfstudio's)."""
+    auto_scale_poses: bool = True
+    """Whether to automatically scale the poses to fit in +/- 1 bounding box."""
+    eval_mode: Literal["auto", "fraction", "filename", "interval", "all"] = "auto"
+    """Train/eval split. auto: 'all' (every view trains and evaluates) for very sparse captures of at most --sparse-max-views views, else 'fraction'. fraction / filename / interval / all: as in nerfstudio's parser."""
+    sparse_max_views: int = 12
+    """With --eval-mode auto, captures of at most this many views train on all views."""
+    train_split_fraction: float = 0.9
+    """The fraction of views used for training (eval-mode fraction)."""
+    eval_interval: int = 8
+    """Every n-th view is held out for eval (eval-mode interval)."""
+    load_3D_points: bool = True
+    """Load the point cloud (ply_file_path) as points3D_xyz / points3D_rgb metadata (seeds splatfacto)."""
+    load_depth: bool = True
+    """Pass per-view depth maps (depth_file_path) on to nerfstudio when the dataset has them."""
+    depth_unit_scale_factor: Optional[float] = None
+    """Depth file unit in dataset units (None: 1e-3 for 16-bit millimetre PNGs, 1.0 for .npy files)."""
+    mask_color: Optional[Tuple[float, float, float]] = None
+    """Replace the unknown pixels with this color. Relevant if you have a mask but still sample everywhere."""
+    cache_dir: Optional[Path] = None
+    """Raw image folders only: where the posed dataset is cached (default: <data>/.extreme3d)."""
+    refresh_cache: bool = False
+    """Raw image folders only: pose again even if a matching cached dataset exists."""
+    backbone: Annotated[PoseModelOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PoseModelOptions)
+    """Raw image folders only: the model used to pose them."""
+    posing: Annotated[PosingOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PosingOptions)
+    """Raw image folders only: posing options (as for ns-process-data extreme-poses)."""
+    depth_format: Literal["png", "npy", "none"] = "png"
+    """Raw image folders only: depth maps written into the cached dataset."""
+
+
+def _image_fingerprint(images: List[Path]) -> List[List[Any]]:
+    out = []
+    for p in images:
+        st = p.stat()
+        out.append([p.name, int(st.st_size), int(st.st_mtime_ns)])
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    from ns_extreme.cli.process import _jsonable as impl
+
+    return impl(obj)
+
+
+@dataclass
+class Extreme3DDataParser(DataParser):
+    """Reads an extreme-poses dataset (or poses an image folder first) into nerfstudio's DataparserOutputs.
+
+    Viewer hook (later task): nerfstudio calls ``_setup(viewer)`` on a dataparser that is also a
+    ``nerfstudio.viewer.viewer_elements.ViewerControl``; panels for the posing diagnostics go there.
+    """
+
+    config: Extreme3DDataParserConfig
+
+    # ------------------------------------------------------------------ locating / producing the dataset
+
+    def dataset_json(self) -> Path:
+        """The transforms.json to read (posing a raw image folder first if needed)."""
+        data = Path(self.config.data)
+        if data.suffix == ".json":
+            if not data.is_file():
+                raise FileNotFoundError(f"extreme3d: {data} does not exist")
+            return data
+        if (data / "transforms.json").is_file():
+            return data / "transforms.json"
+        if data == Path():
+            raise ValueError("extreme3d: no dataset given; pass --data DATASET_OR_IMAGE_FOLDER")
+        if not data.exists():
+            raise FileNotFoundError(f"extreme3d: data folder {data} does not exist")
+        if not data.is_dir():
+            raise ValueError(f"extreme3d: --data must be a dataset folder, a transforms.json or an image folder, got {data}")
+        from ns_extreme.io.images import scan_images
+
+        images = list(scan_images(data).images)
+        if not images:
+            raise ValueError(
+                f"extreme3d: {data} holds neither a transforms.json nor images; "
+                "point --data at an ns-process-data extreme-poses output or at a folder of photos"
+            )
+        return self._posed_image_folder(data, images) / "transforms.json"
+
+    def cache_folder(self) -> Path:
+        data = Path(self.config.data)
+        return Path(self.config.cache_dir) if self.config.cache_dir is not None else data / CACHE_NAME
+
+    def cache_key(self, images: List[Path]) -> Dict[str, Any]:
+        return {
+            "images": _image_fingerprint(images),
+            "backbone": _jsonable(self.config.backbone),
+            "posing": _jsonable(self.config.posing),
+            "depth_format": self.config.depth_format,
+        }
+
+    def _posed_image_folder(self, data: Path, images: List[Path]) -> Path:
+        cache = self.cache_folder()
+        key = self.cache_key(images)
+        provenance = cache / "extreme_poses.json"
+        exists = cache.exists() or cache.is_symlink()
+        if exists and not provenance.is_file():
+            raise FileExistsError(f"extreme3d: cache folder {cache} exists but is not an extreme3d cache; remove it or pass --cache-dir")
+        if exists and not self.config.refresh_cache:
+            try:
+                stored = json.loads(provenance.read_text(encoding="utf-8")).get(CACHE_KEY)
+            except (OSError, ValueError):
+                stored = None
+            if stored == key and (cache / "transforms.json").is_file():
+                CONSOLE.print(f"[bold green]extreme3d:[/bold green] reusing cached poses in {cache}")
+                return cache
+            CONSOLE.print(f"[yellow]extreme3d: images or posing options changed since {cache} was written; posing again[/yellow]")
+        if len(images) < 2:
+            raise ValueError(f"extreme3d: {data} has {len(images)} image(s); posing needs at least 2")
+
+        from ns_extreme.cli.process import load_backbones
+        from ns_extreme.io.dataset import write_dataset
+        from ns_extreme.posing.pipeline import pose_images
+
+        CONSOLE.print(f"[bold]extreme3d:[/bold] posing {len(images)} images of {data} (cache: {cache})")
+        backbone, _, report = load_backbones(self.config.backbone, say=CONSOLE.print)
+        CONSOLE.print(f"licence: {report.licence}")
+        CONSOLE.print(report.summary())
+        recon = pose_images(images, backbone, self.config.posing, progress=True)
+        extra = {
+            "command": "extreme3d dataparser (on the fly)",
+            "model": _jsonable(report),
+            "model_config": self.config.backbone.config,
+            "network_input_size": backbone.target_size,
+            "input": {"folder": str(data.absolute()), "images": len(images)},
+            "depth_format": self.config.depth_format,
+            CACHE_KEY: key,
+        }
+        write_dataset(recon, cache, overwrite=exists, depth_format=self.config.depth_format, extra_provenance=extra)
+        return cache
+
+    # ------------------------------------------------------------------ parsing
+
+    def _split_indices(self, image_filenames: List[Path], split: str) -> np.ndarray:
+        mode = self.config.eval_mode
+        if mode == "auto":
+            mode = "all" if len(image_filenames) <= self.config.sparse_max_views else "fraction"
+        if mode == "fraction":
+            i_train, i_eval = get_train_eval_split_fraction(image_filenames, self.config.train_split_fraction)
+        elif mode == "filename":
+            i_train, i_eval = get_train_eval_split_filename(image_filenames)
+        elif mode == "interval":
+            i_train, i_eval = get_train_eval_split_interval(image_filenames, self.config.eval_interval)
+        elif mode == "all":
+            i_train, i_eval = get_train_eval_split_all(image_filenames)
+        else:
+            raise ValueError(f"Unknown eval mode {self.config.eval_mode}")
+        if split == "train":
+            return np.asarray(i_train)
+        if split in ("val", "test"):
+            return np.asarray(i_eval)
+        raise ValueError(f"Unknown dataparser split {split}")
+
+    def _generate_dataparser_outputs(self, split: str = "train", **kwargs: Any) -> DataparserOutputs:
+        from ns_extreme.io.transforms_json import read_transforms_json
+
+        json_path = self.dataset_json()
+        data_dir = json_path.parent
+        with open(json_path, encoding="utf-8") as f:
+            raw = json.load(f)
+        names, _w2c, K, sizes_wh, meta = read_transforms_json(json_path)
+        c2w = np.stack([np.asarray(fr["transform_matrix"], dtype=np.float64) for fr in raw["frames"]])
+        if c2w.shape[1] == 3:
+            c2w = np.concatenate([c2w, np.broadcast_to([[[0.0, 0.0, 0.0, 1.0]]], (len(c2w), 1, 4))], axis=1)
+        top = meta["top_level"]
+
+        # Same frame order as nerfstudio's parser (sorted by file name).
+        order = np.argsort([str(data_dir / n) for n in names], kind="stable")
+        image_filenames = [data_dir / names[i] for i in order]
+        poses = torch.from_numpy(c2w[order].astype(np.float32))
+        K, sizes_wh = K[order], sizes_wh[order]
+        distortion = torch.from_numpy(meta["distortion_params"][order].astype(np.float32))
+        depth_filenames = [data_dir / meta["depth_paths"][i] for i in order] if meta["depth_paths"] and self.config.load_depth else []
+        mask_filenames = [data_dir / meta["mask_paths"][i] for i in order] if meta["mask_paths"] else []
+
+        indices = self._split_indices(image_filenames, split)
+
+        orientation_method = top.get("orientation_override", self.config.orientation_method)
+        if "orientation_override" in top:
+            CONSOLE.log(f"[yellow] Dataset is overriding orientation method to {orientation_method}")
+        poses, transform_matrix = camera_utils.auto_orient_and_center_poses(
+            poses, method=orientation_method, center_method=self.config.center_method
+        )
+        scale_factor = 1.0
+        if self.config.auto_scale_poses:
+            max_t = float(torch.max(torch.abs(poses[:, :3, 3])))
+            if max_t > 1e-12:
+                scale_factor /= max_t
+            else:
+                CONSOLE.print("[yellow]extreme3d: all cameras sit at one point; --auto-scale-poses has nothing to normalise[/yellow]")
+        scale_factor *= self.config.scale_factor
+        poses[:, :3, 3] *= scale_factor
+
+        idx = torch.tensor(indices, dtype=torch.long)
+        poses = poses[idx]
+        image_filenames = [image_filenames[i] for i in indices]
+        depth_filenames = [depth_filenames[i] for i in indices] if depth_filenames else []
+        mask_filenames = [mask_filenames[i] for i in indices] if mask_filenames else []
+        K, sizes_wh = K[indices], sizes_wh[indices]
+
+        camera_model = meta["camera_model"]
+        if camera_model not in CAMERA_MODEL_TO_TYPE:
+            raise ValueError(f"extreme3d: unsupported camera_model {camera_model!r} in {json_path}")
+        camera_type = CAMERA_MODEL_TO_TYPE[camera_model]
+        cameras = Cameras(
+            fx=torch.from_numpy(K[:, 0, 0].astype(np.float32))[:, None],
+            fy=torch.from_numpy(K[:, 1, 1].astype(np.float32))[:, None],
+            cx=torch.from_numpy(K[:, 0, 2].astype(np.float32))[:, None],
+            cy=torch.from_numpy(K[:, 1, 2].astype(np.float32))[:, None],
+            width=torch.from_numpy(sizes_wh[:, 0].astype(np.int32))[:, None],
+            height=torch.from_numpy(sizes_wh[:, 1].astype(np.int32))[:, None],
+            distortion_params=distortion[idx],
+            camera_to_worlds=poses[:, :3, :4],
+            camera_type=camera_type,
+        )
+
+        applied = meta["applied_transform"]
+        if applied is not None:
+            applied_h = torch.cat([torch.tensor(applied, dtype=transform_matrix.dtype), torch.tensor([[0, 0, 0, 1]], dtype=transform_matrix.dtype)], 0)
+            dataparser_transform = transform_matrix @ applied_h
+        else:
+            dataparser_transform = transform_matrix
+        dataparser_scale = scale_factor * float(top.get("applied_scale", 1.0))
+
+        metadata: Dict[str, Any] = {}
+        if self.config.load_3D_points:
+            points = self._load_points(data_dir, meta.get("ply_file_path"), transform_matrix, scale_factor)
+            if points is not None:
+                metadata.update(points)
+            else:
+                CONSOLE.print("[bold yellow]extreme3d: no point cloud in this dataset; splatfacto will use random initialisation")
+
+        depth_scale = self.config.depth_unit_scale_factor
+        if depth_scale is None:
+            depth_scale = 1.0 if depth_filenames and depth_filenames[0].suffix == ".npy" else 1e-3
+
+        scene_scale = self.config.scene_scale
+        return DataparserOutputs(
+            image_filenames=image_filenames,
+            cameras=cameras,
+            scene_box=SceneBox(aabb=torch.tensor([[-scene_scale] * 3, [scene_scale] * 3], dtype=torch.float32)),
+            mask_filenames=mask_filenames or None,
+            dataparser_scale=dataparser_scale,
+            dataparser_transform=dataparser_transform,
+            metadata={
+                "depth_filenames": depth_filenames or None,
+                "depth_unit_scale_factor": depth_scale,
+                "mask_color": self.config.mask_color,
+                **metadata,
+            },
+        )
+
+    @staticmethod
+    def _load_points(data_dir: Path, ply_file_path: Optional[str], transform_matrix: torch.Tensor, scale_factor: float):
+        """points3D_xyz float32 [N,3] in the output frame and points3D_rgb uint8 [N,3] (None if absent/empty)."""
+        if not ply_file_path:
+            return None
+        from ns_extreme.io.ply import read_ply
+
+        path = data_dir / ply_file_path
+        if not path.is_file():
+            raise FileNotFoundError(f"extreme3d: ply_file_path {path} does not exist")
+        xyz, rgb, _ = read_ply(path)
+        if len(xyz) == 0:
+            return None
+        xyz_t = torch.from_numpy(np.asarray(xyz, dtype=np.float32))
+        xyz_t = torch.cat([xyz_t, torch.ones_like(xyz_t[:, :1])], -1) @ transform_matrix.T.to(torch.float32)
+        xyz_t = xyz_t * scale_factor
+        if rgb is None:
+            rgb = np.full((len(xyz), 3), 128, dtype=np.uint8)
+        rgb = np.asarray(rgb)
+        if rgb.dtype != np.uint8:  # float colours in [0, 1]
+            rgb = np.clip(np.round(rgb.astype(np.float64) * (255.0 if rgb.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+        return {"points3D_xyz": xyz_t.contiguous(), "points3D_rgb": torch.from_numpy(np.ascontiguousarray(rgb))}
