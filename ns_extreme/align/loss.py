@@ -1,0 +1,99 @@
+"""The alignment loss (method.md §1.3): rotation-only geodesic loss on the relative rotation of a pair.
+
+    L = geo(R2 R1ᵀ, R2gt R1gtᵀ) + [reference_frame] · geo(R1, I),   geo(A, B) = arccos((tr(A Bᵀ) − 1) / 2)
+
+in radians, averaged over the batch. ``R1, R2`` are the predicted **world-to-camera** rotations of the two
+views (VGGT: the quaternion of the pose encoding of the last camera-head iteration), ``R1gt, R2gt`` the
+COLMAP world-to-camera rotations. The anchor term ``geo(R1, I)`` is used for models whose first frame
+defines the world (``ModelSpec.reference_frame``: VGGT, WorldMirror), not for permutation-equivariant ones
+(π³). The arccos cosine is clamped to ±(1 − eps) so gradients stay finite at 0° and 180°.
+
+Not known from the paper (method.md §4.3): the clamp epsilon, whether iterations other than the last are
+supervised. ``iteration_weighting="all"`` is offered as an option (VGGT's own training weights the 4
+camera-head iterations by γ^(n−1−i), γ = 0.6); the default is the last iteration only, like the evaluation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ns_extreme.geometry.rotations import geodesic_angle_torch, quat_xyzw_to_matrix_torch
+
+__all__ = ["LossOutput", "rotations_from_pose_encoding", "pair_rotation_loss", "pose_encoding_loss"]
+
+IterationWeighting = Literal["last", "all"]
+
+
+@dataclass(frozen=True)
+class LossOutput:
+    loss: torch.Tensor
+    """Scalar to minimise (radians)."""
+    rel_error: torch.Tensor
+    """Per-pair relative-rotation geodesic error [B] in radians (last iteration, detached)."""
+    anchor_error: torch.Tensor
+    """Per-pair geo(R1, I) [B] in radians (last iteration, detached; computed even when not in the loss)."""
+
+
+def rotations_from_pose_encoding(pose_enc: torch.Tensor) -> torch.Tensor:
+    """World-to-camera rotations [..., 3, 3] (float32) from VGGT pose encodings [..., 9] (quaternion xyzw at 3:7).
+
+    Same rotation as ``w2c_intrinsics_from_pose_encoding``, with the quaternion normalised under an epsilon
+    first so that a near-zero prediction cannot produce Inf.
+    """
+    q = F.normalize(pose_enc[..., 3:7].float(), dim=-1, eps=1e-8)
+    return quat_xyzw_to_matrix_torch(q)
+
+
+def pair_rotation_loss(
+    R_pred: torch.Tensor, R_gt: torch.Tensor, reference_frame: bool, eps: float = 1e-6
+) -> LossOutput:
+    """Loss of predicted vs GT w2c rotations of the two views, both ``[B, 2, 3, 3]``."""
+    if R_pred.shape[-3:] != (2, 3, 3) or R_gt.shape != R_pred.shape:
+        raise ValueError(f"expected two [B, 2, 3, 3] tensors, got {tuple(R_pred.shape)} and {tuple(R_gt.shape)}")
+    R_pred = R_pred.float()
+    R_gt = R_gt.to(R_pred)
+    rel_pred = R_pred[:, 1] @ R_pred[:, 0].transpose(-1, -2)
+    rel_gt = R_gt[:, 1] @ R_gt[:, 0].transpose(-1, -2)
+    rel = geodesic_angle_torch(rel_pred, rel_gt, eps=eps)
+    eye = torch.eye(3, dtype=R_pred.dtype, device=R_pred.device).expand_as(R_pred[:, 0])
+    anchor = geodesic_angle_torch(R_pred[:, 0], eye, eps=eps)
+    per_pair = rel + anchor if reference_frame else rel
+    return LossOutput(per_pair.mean(), rel.detach(), anchor.detach())
+
+
+def iteration_weights(n: int, weighting: IterationWeighting, gamma: float = 0.6) -> list[float]:
+    """Weights of the camera-head iterations, first to last (they sum to 1 for "all")."""
+    if weighting == "last":
+        return [0.0] * (n - 1) + [1.0]
+    if weighting == "all":
+        w = [gamma ** (n - 1 - i) for i in range(n)]
+        s = sum(w)
+        return [x / s for x in w]
+    raise ValueError(f"unknown iteration weighting {weighting!r}; choose 'last' or 'all'")
+
+
+def pose_encoding_loss(
+    pose_enc_list: Sequence[torch.Tensor],
+    R_gt: torch.Tensor,
+    reference_frame: bool,
+    weighting: IterationWeighting = "last",
+    eps: float = 1e-6,
+) -> LossOutput:
+    """The loss from the camera head's per-iteration pose encodings ``[B, 2, 9]`` (last = final estimate)."""
+    if not pose_enc_list:
+        raise ValueError("no pose encodings")
+    weights = iteration_weights(len(pose_enc_list), weighting)
+    total = None
+    last = None
+    for w, enc in zip(weights, pose_enc_list):
+        if w == 0.0:
+            continue
+        out = pair_rotation_loss(rotations_from_pose_encoding(enc), R_gt, reference_frame, eps)
+        total = out.loss * w if total is None else total + out.loss * w
+        last = out
+    assert total is not None and last is not None  # the last weight is never 0
+    return LossOutput(total, last.rel_error, last.anchor_error)
