@@ -27,10 +27,19 @@ def chunk_ranges(num_frames: int, max_frames: int, overlap: int) -> list[list[in
         start = end - overlap
 
 
-def _shared_points(pred: FramePredictions, local: int, other: FramePredictions, other_local: int, rng: np.random.Generator):
-    """Matching 3D points of one frame as seen by two passes (same pixel, each pass's depth and camera)."""
+def _shared_points(
+    pred: FramePredictions, local: int, other: FramePredictions, other_local: int, rng: np.random.Generator,
+    valid: np.ndarray | None = None,
+):  # fmt: skip
+    """Matching 3D points of one frame as seen by two passes (same pixel, each pass's depth and camera).
+
+    ``valid`` [H, W] marks real pixels: padding depth is arbitrary and differs between passes, and when it
+    covers most of the frame (wide images, mixed batches) a confidence median over all pixels lets it in."""
     conf = np.minimum(pred.confidence[local], other.confidence[other_local])
-    good = np.flatnonzero((conf >= np.median(conf)).ravel() & (pred.depth[local].ravel() > 0) & (other.depth[other_local].ravel() > 0))
+    ok = (pred.depth[local] > 0) & (other.depth[other_local] > 0)
+    if valid is not None:
+        ok &= valid
+    good = np.flatnonzero(ok & (conf >= (np.median(conf[ok]) if ok.any() else np.inf)))
     pick = rng.choice(good, size=min(SAMPLES_PER_SHARED_FRAME, len(good)), replace=False)
     src = unproject_depth(pred.depth[local], pred.intrinsics[local], pred.w2c_opencv[local]).reshape(-1, 3)[pick]
     dst = unproject_depth(other.depth[other_local], other.intrinsics[other_local], other.w2c_opencv[other_local]).reshape(-1, 3)[pick]
@@ -44,8 +53,11 @@ def predict_in_chunks(
     overlap: int,
     on_chunk: Callable[[int, int], None] = lambda done, total: None,
     seed: int = 0,
+    valid: np.ndarray | None = None,
 ) -> tuple[FramePredictions, list[dict[str, float]]]:
-    """Predictions for all frames in the world of the first chunk, and per-join residual statistics."""
+    """Predictions for all frames in the world of the first chunk, and per-join residual statistics.
+
+    ``valid`` [N, H, W] (optional) marks real pixels; only those are used to join chunks."""
     ranges = chunk_ranges(images.shape[0], max_frames, overlap)
     rng = np.random.default_rng(seed)
     merged: FramePredictions | None = None
@@ -57,7 +69,9 @@ def predict_in_chunks(
             on_chunk(c + 1, len(ranges))
             continue
         shared = [f for f in frames if f < merged.w2c_opencv.shape[0]]
-        pairs = [_shared_points(pred, frames.index(f), merged, f, rng) for f in shared]
+        pairs = [
+            _shared_points(pred, frames.index(f), merged, f, rng, None if valid is None else valid[f]) for f in shared
+        ]
         src, dst, weight = (np.concatenate(x) for x in zip(*pairs))
         sim, res = robust_sim3(src, dst, weights=weight)
         scale = float(np.median(np.linalg.norm(dst - dst.mean(0), axis=1)))

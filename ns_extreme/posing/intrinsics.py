@@ -23,6 +23,8 @@ def parse_intrinsics_option(value: str) -> str | tuple[float, float, float, floa
         fx, fy, cx, cy = (float(v) for v in value.split(","))
     except ValueError:
         raise ValueError(f"--intrinsics must be auto, exif, shared or 'fx,fy,cx,cy' in pixels, got {value!r}") from None
+    if not all(math.isfinite(v) for v in (fx, fy, cx, cy)):
+        raise ValueError(f"--intrinsics values must be finite numbers, got {value!r}")
     if fx <= 0 or fy <= 0:
         raise ValueError(f"--intrinsics focal lengths must be positive, got {value!r}")
     return fx, fy, cx, cy
@@ -53,9 +55,12 @@ def choose_intrinsics(
         fx, fy, cx, cy = parsed
         return np.repeat(intrinsics_matrix(fx, fy, cx, cy)[None], n, axis=0), ["given"] * n
     if parsed == "shared":
-        # One physical camera: the median focal relative to the image width, applied to every view.
-        rel = np.median(np.concatenate([K[:, 0, 0] / sizes_wh[:, 0], K[:, 1, 1] / sizes_wh[:, 0]]))
-        K[:, 0, 0] = K[:, 1, 1] = rel * sizes_wh[:, 0]
+        # One physical camera: the median focal relative to the image diagonal, applied to every view.
+        # The diagonal (unlike the width) is the same for portrait and landscape shots of one camera and
+        # scales with resizing, like the focal length in pixels.
+        diag = np.hypot(sizes_wh[:, 0], sizes_wh[:, 1]).astype(np.float64)
+        rel = np.median(np.concatenate([K[:, 0, 0] / diag, K[:, 1, 1] / diag]))
+        K[:, 0, 0] = K[:, 1, 1] = rel * diag
         return K, ["shared"] * n
     sources = []
     for i, path in enumerate(paths):

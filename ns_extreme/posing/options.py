@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
+from ns_extreme.posing.intrinsics import parse_intrinsics_option
+
 
 @dataclass
 class PosingOptions:
@@ -31,6 +33,10 @@ class PosingOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # Fail on a bad option before any image is loaded or the model runs.
+        if self.preprocess not in ("crop", "pad"):
+            raise ValueError(f"--preprocess must be crop or pad, got {self.preprocess!r}")
+        parse_intrinsics_option(self.intrinsics)
         if not 0 <= self.conf_percentile < 100:
             raise ValueError(f"--conf-percentile must be in [0, 100), got {self.conf_percentile}")
         if self.max_points < 1:

@@ -29,12 +29,18 @@ def _run_backbone(backbone: PosingBackbone, batch: PreprocessedBatch, options: P
         bar.n = done
         bar.refresh()
 
+    valid = np.stack([r.valid_mask_preprocessed() for r in batch.records])
     pred, residuals = predict_in_chunks(
-        backbone.predict, batch.images, options.max_frames_per_pass, options.chunk_overlap, on_chunk, options.seed
+        backbone.predict, batch.images, options.max_frames_per_pass, options.chunk_overlap, on_chunk, options.seed, valid
     )
     bar.close()
     if pred.intrinsics is None:
-        raise NotImplementedError(f"{backbone.name} predicts no intrinsics; focal recovery is not available for it yet")
+        # Backbones without an intrinsics head recover them inside predict() (Pi3Backbone: focal.recover_focal),
+        # because chunked inference needs them per pass to join chunks.
+        raise NotImplementedError(
+            f"{backbone.name} returned no intrinsics; a backbone without an intrinsics head must fill them in predict(), "
+            "e.g. with ns_extreme.posing.focal.recover_focal as Pi3Backbone does"
+        )
     return pred, residuals
 
 
