@@ -58,7 +58,7 @@ def test_nerfacto_trains_on_an_extreme3d_dataset(tmp_path, dev_small):
     dataset = tmp_path / "dataset"
     posed = subprocess.run(
         [sys.executable, "-m", "ns_extreme.cli.process", "--data", str(dev_small / SCENE / "images"),
-         "--output-dir", str(dataset), "--config", "tiny", "--weights", "random"],
+         "--output-dir", str(dataset), "--model-size", "tiny", "--weights", "random"],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
     assert posed.returncode == 0, posed.stderr[-3000:]

@@ -23,7 +23,7 @@ from ns_extreme.posing.options import PosingOptions
 
 BIN = Path(sys.executable).parent
 SCENE = "strecha_Herz-Jesus-P8"  # 8 images, 768x512
-TINY = PoseModelOptions(config="tiny", weights="random", device="cpu", dtype="fp32")
+TINY = PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """`ns-process-data` (stock subcommands + extreme-poses) and the `extreme-poses` command, end to end.
 
-The real pipeline runs with the tiny random wiring-test model (`--config tiny --weights random`): its poses
+The real pipeline runs with the tiny random wiring-test model (`--model-size tiny --weights random`): its poses
 mean nothing, but every stage (scan, load, preprocess, inference, points, dataset writer) runs for real.
 """
 
@@ -18,7 +18,7 @@ import pytest
 
 BIN = Path(sys.executable).parent
 SCENE = "strecha_Herz-Jesus-P8"  # 8 images, 768x512
-TINY = ["--config", "tiny", "--weights", "random"]
+TINY = ["--model-size", "tiny", "--weights", "random"]
 
 
 def _env() -> dict:
@@ -115,7 +115,7 @@ def test_end_to_end_writes_a_dataset(processed, images):
     assert {(f["w"], f["h"]) for f in meta["frames"]} == {(768, 512)}
     prov = json.loads((out / "extreme_poses.json").read_text())
     assert prov["input"]["skipped_files"] == ["notes.txt"]
-    assert prov["model_config"] == "tiny"
+    assert prov["model_size"] == "tiny"
     # User-facing output: warning about the skipped file, licence line, summary table.
     assert "notes.txt" in proc.stdout and "licence:" in proc.stdout
     assert "views posed" in proc.stdout and "peak memory" in proc.stdout
@@ -247,7 +247,7 @@ def test_tiny_wiring_model_gives_finite_sane_cameras():
 
     from ns_extreme.cli.process import PoseModelOptions, load_backbones
 
-    backbone, _, report = load_backbones(PoseModelOptions(config="tiny", weights="random", device="cpu", dtype="fp32"), say=lambda s: None)
+    backbone, _, report = load_backbones(PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype="fp32"), say=lambda s: None)
     assert report.alignment is None  # the released alignment does not fit the tiny model
     pred = backbone.predict(torch.rand(3, 3, 98, backbone.target_size))
     fx = pred.intrinsics[:, 0, 0]

@@ -29,7 +29,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 TINY_TARGET_SIZE = 140
-"""Network input width used with ``--config tiny`` (a multiple of the 14-pixel patch; keeps tests fast)."""
+"""Network input width used with ``--model-size tiny`` (a multiple of the 14-pixel patch; keeps tests fast)."""
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
@@ -113,27 +113,6 @@ def run_cli(cls: Any, args: Optional[Sequence[str]] = None, **tyro_kwargs: Any) 
 # ------------------------------------------------------------------------------------------ the command
 
 
-def tiny_wiring_model(model: Any) -> Any:
-    """Make a randomly initialised ``VGGTConfig.tiny()`` model output sane cameras (testing only).
-
-    A random camera head can output a zero or negative field of view (ReLU), which the pipeline reports
-    as NaN/Inf. Scale the last pose layer down and set its bias so that, summed over the refinement
-    iterations, the encoding is about ``[0,0,0, 0,0,0,1, 0.9, 1.1]``: identity-ish rotations, small
-    per-view translations, ~52°/63° fields of view. Depth/points stay random. This is a wiring test
-    model: its poses mean nothing.
-    """
-    import torch
-
-    head = model.camera_head
-    fc2 = head.pose_branch.fc2
-    iterations = int(getattr(getattr(model, "config", None), "camera_iterations", 4) or 4)
-    with torch.no_grad():
-        fc2.weight.mul_(0.01)
-        target = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.9, 1.1], dtype=fc2.bias.dtype)
-        fc2.bias.copy_(target.to(fc2.bias.device) / iterations)
-    return model
-
-
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -162,7 +141,7 @@ class PoseModelOptions:
     """Base weights: a Hugging Face id, a local .safetensors/.pt/.pth file or folder, or 'random' (default: the model's official weights, facebook/VGGT-1B for vggt)."""
     alignment: str = "aligned"
     """aligned: the paper's bias checkpoint for this model; pretrained: unmodified weights; or a path to a bias checkpoint (from ns-extreme-align)."""
-    config: Literal["full", "tiny"] = "full"
+    model_size: Literal["full", "tiny"] = "full"
     """Model size. 'tiny' is a few-MB wiring-test model for the test-suite only (use with --weights random); its poses mean nothing."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to run the model (auto: cuda, then mps, then cpu)."""
@@ -184,20 +163,18 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
     model_config = None
     target_size = 518
     alignment: Optional[str] = opts.alignment
-    tiny = opts.config == "tiny"
+    tiny = opts.model_size == "tiny"
     if tiny:
         from ns_extreme.models.vggt.config import VGGTConfig
 
         model_config, target_size = VGGTConfig.tiny(), TINY_TARGET_SIZE
         if alignment == "aligned":
-            say("note: --config tiny: the released alignment does not fit the tiny model; using pretrained biases")
+            say("note: --model-size tiny: the released alignment does not fit the tiny model; using pretrained biases")
             alignment = "pretrained"
     weights = opts.weights or spec.default_weights
 
     def build(align: Optional[str]):
         model = load_model(opts.model, weights, align, device, torch.float32, model_config)
-        if tiny and weights == "random":
-            tiny_wiring_model(model)
         return model
 
     model = build(alignment)
@@ -296,7 +273,7 @@ class ExtremePoses:
             "command": "extreme-poses",
             "argv": list(sys.argv),
             "model": _jsonable(report),
-            "model_config": self.backbone.config,
+            "model_size": self.backbone.model_size,
             "network_input_size": backbone.target_size,
             "input": {"folder": str(Path(self.data).absolute()), "images": len(images), "skipped_files": self._skipped},
             "compare_pretrained": self.compare_pretrained,
