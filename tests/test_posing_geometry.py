@@ -676,6 +676,9 @@ def test_known_poses_from_partial_transforms_json(dev_small: Path, tmp_path_fact
         poses_from=known_dir / "transforms.json",
     )  # fmt: skip
     assert run.recon.world_source == "transforms"
+    # sacre_coeur's reference cameras have k1 != 0: the user is told the export drops it.
+    assert any("lens distortion" in note for note in run.recon.warnings)
+    assert json.loads((run.out / "extreme_poses.json").read_text())["warnings"] == run.recon.warnings
     out = json.loads((run.out / "transforms.json").read_text())
     np.testing.assert_allclose(np.asarray(out["applied_transform"]), np.eye(4)[:3], atol=0)
     for i in keep:

@@ -256,3 +256,21 @@ def test_exif_on_unreadable_or_zero_focal(tmp_path: Path) -> None:
     broken.write_bytes(b"not a jpeg")
     assert exif_focal_px(zero, (64, 48)) is None
     assert exif_focal_px(broken, (64, 48)) is None
+
+
+def test_given_intrinsics_refuse_mixed_image_sizes():
+    from ns_extreme.posing.intrinsics import choose_intrinsics
+
+    K = np.repeat(np.eye(3)[None], 2, axis=0)
+    with pytest.raises(ValueError, match="several sizes"):
+        choose_intrinsics("500,500,320,240", K, np.array([[640, 480], [480, 640]]), [Path("a.jpg"), Path("b.jpg")])
+
+
+def test_known_poses_report_distortion_and_a_single_known_view(dev_small, tmp_path):
+    """sacre_coeur's reference model is SIMPLE_RADIAL: its k1 is dropped, and the user is told."""
+    from ns_extreme.posing.known_poses import read_known_poses
+
+    known = read_known_poses(dev_small / "hloc_sacre_coeur" / "sparse" / "0")
+    assert len(known.distorted) == 10
+    strecha = read_known_poses(dev_small / "strecha_fountain-P11" / "transforms.json")
+    assert strecha.distorted == []

@@ -268,6 +268,8 @@ class ExtremePoses:
 
         recon = pose_images(images, backbone, self.posing, compare_backbone=compare, progress=True)
         recon.timings["model_load_s"] = load_s
+        for note in recon.warnings:
+            console.print(f"[yellow]warning:[/yellow] {escape(note)}")
 
         extra = {
             "command": "extreme-poses",

@@ -111,6 +111,7 @@ def _provenance(recon, applied: np.ndarray, extra: Optional[dict[str, Any]], ima
             }
             for i in range(recon.num_views)
         ],
+        "warnings": recon.warnings,
         "pairs": [vars(p) for p in recon.pairs],
         "chunk_joins": recon.chunk_residuals,
         "points": {"count": int(len(recon.points_xyz)), "mean_confidence": float(recon.points_conf.mean()) if len(recon.points_conf) else None},

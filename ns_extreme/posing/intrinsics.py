@@ -52,6 +52,11 @@ def choose_intrinsics(
     if parsed == "auto":
         return K, ["predicted"] * n
     if isinstance(parsed, tuple):
+        if len({tuple(wh) for wh in sizes_wh.tolist()}) > 1:
+            raise ValueError(
+                "--intrinsics fx,fy,cx,cy describes one image size, but the images have several sizes; "
+                "use --intrinsics exif or shared, or pose each size separately"
+            )
         fx, fy, cx, cy = parsed
         return np.repeat(intrinsics_matrix(fx, fy, cx, cy)[None], n, axis=0), ["given"] * n
     if parsed == "shared":

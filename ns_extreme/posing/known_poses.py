@@ -17,6 +17,8 @@ class KnownPoses:
     intrinsics: np.ndarray
     sizes_wh: np.ndarray
     source: str
+    distorted: list[str]
+    """Names of the known cameras with lens distortion (exported as undistorted pinhole)."""
 
 
 def read_known_poses(path: Path) -> KnownPoses:
@@ -25,13 +27,17 @@ def read_known_poses(path: Path) -> KnownPoses:
     if path.is_file() and path.suffix == ".json" or (path / "transforms.json").is_file():
         from ns_extreme.io.transforms_json import read_transforms_json
 
-        names, w2c, K, sizes, _ = read_transforms_json(path, in_original_world=False)
-        return KnownPoses([Path(n).name for n in names], w2c, K, sizes, f"transforms.json {path}")
+        names, w2c, K, sizes, meta = read_transforms_json(path, in_original_world=False)
+        names = [Path(n).name for n in names]
+        distorted = [n for n, d in zip(names, meta["distortion_params"]) if np.any(np.asarray(d) != 0)]
+        return KnownPoses(names, w2c, K, sizes, f"transforms.json {path}", distorted)
     if path.is_dir():
         from ns_extreme.io.colmap_model import read_colmap_model
 
         model = read_colmap_model(path)
-        return KnownPoses([Path(n).name for n in model.image_names], model.w2c_opencv, model.K, model.sizes_wh, f"COLMAP {path}")
+        names = [Path(n).name for n in model.image_names]
+        distorted = [n for n, extra in zip(names, model.extra_params) if np.any(np.asarray(extra) != 0)]
+        return KnownPoses(names, model.w2c_opencv, model.K, model.sizes_wh, f"COLMAP {path}", distorted)
     raise FileNotFoundError(f"--poses-from {path}: expected a COLMAP model folder or a transforms.json")
 
 

@@ -73,12 +73,21 @@ def pose_images(
     w2c = pred.w2c_opencv.copy()
     depth = pred.depth.copy()
     world_source = "model"
+    notes: list[str] = []
     if options.poses_from is not None:
         known = read_known_poses(options.poses_from)
         matches = match_known(image_paths, known)
         if not matches:
             raise ValueError(f"--poses-from {options.poses_from}: none of its {len(known.names)} image names matches an input image")
         views, rows = list(matches), list(matches.values())
+        if len(matches) == 1:
+            notes.append("only one view has a known pose: the other views keep the model's scale, not the known world's")
+        distorted = [known.names[k] for k in rows if known.names[k] in known.distorted]
+        if distorted:
+            notes.append(
+                f"{len(distorted)} known cameras have lens distortion that the export drops (pinhole intrinsics only), "
+                f"e.g. {distorted[0]}; undistort the images first for exact geometry"
+            )
         sim = sim3_to_known(w2c[views], known.w2c_opencv[rows])
         w2c = transform_w2c_opencv(w2c, sim)
         depth *= np.float32(sim.scale)
@@ -133,4 +142,5 @@ def pose_images(
         provenance={"backbone": backbone.name, "options": {k: str(v) for k, v in vars(options).items()}},
         timings=timings,
         world_source=world_source,
+        warnings=notes,
     )

@@ -53,6 +53,8 @@ class Reconstruction:
     """Per chunk join: median and 90th-percentile point residual relative to the scene scale."""
     provenance: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    """Things the user should know about the result (also written to extreme_poses.json)."""
     world_source: str = "model"
     """model: frame 0 of the model (OpenCV axes) is the world; colmap / transforms: the world of --poses-from."""
 
