@@ -19,8 +19,15 @@ points ``points3D_xyz`` (float32) / ``points3D_rgb`` (uint8) are mapped by the s
 ``dataparser_transform`` = transform @ applied_transform, so ``dataparser_transforms.json`` maps the
 model's original world to the training frame, like nerfstudio's.
 
+Viewer: the parser is also a nerfstudio ``ViewerControl``. nerfstudio's viewer finds it as
+``pipeline.datamanager.dataparser`` and calls ``_setup(viewer)``, which adds the "Extreme poses" panel
+(``ns_extreme.viewer.scene``: confidence-coloured frusta, seed point cloud, pretrained/aligned toggle, pair
+table) drawn in the training frame, with any method (splatfacto, nerfacto, ...), in ``ns-train`` and
+``ns-viewer``. A failure there is reported and never stops the stock viewer.
+
 This module is imported while nerfstudio itself is still importing (entry point, see
-``dataparser_spec``): keep its top-level imports to cameras / base_dataparser / scene_box / utils.
+``dataparser_spec``): keep its top-level imports to cameras / base_dataparser / scene_box / utils /
+viewer_elements.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from nerfstudio.data.utils.dataparsers_utils import (
     get_train_eval_split_interval,
 )
 from nerfstudio.utils.rich_utils import CONSOLE
+from nerfstudio.viewer.viewer_elements import ViewerControl
 
 from ns_extreme.cli.process import PoseModelOptions
 from ns_extreme.posing.options import PosingOptions
@@ -117,14 +125,39 @@ def _jsonable(obj: Any) -> Any:
 
 
 @dataclass
-class Extreme3DDataParser(DataParser):
+class Extreme3DDataParser(DataParser, ViewerControl):
     """Reads an extreme-poses dataset (or poses an image folder first) into nerfstudio's DataparserOutputs.
 
-    Viewer hook (later task): nerfstudio calls ``_setup(viewer)`` on a dataparser that is also a
-    ``nerfstudio.viewer.viewer_elements.ViewerControl``; panels for the posing diagnostics go there.
+    Also a ``ViewerControl``: nerfstudio's viewer calls ``_setup(viewer)``, which adds the "Extreme poses"
+    panel (see the module docstring).
     """
 
     config: Extreme3DDataParserConfig
+
+    # ------------------------------------------------------------------ viewer
+
+    def _setup(self, viewer: Any) -> None:
+        super()._setup(viewer)
+        self.extreme_panel = None
+        try:
+            self.extreme_panel = self.build_viewer_panel(viewer.viser_server)
+        except Exception as exc:  # noqa: BLE001 -- the stock viewer must keep working
+            CONSOLE.print(f"[yellow]extreme3d: the 'Extreme poses' viewer panel is unavailable: {type(exc).__name__}: {exc}[/yellow]")
+
+    def build_viewer_panel(self, server: Any) -> Any:
+        """Draw the dataset's cameras, points and diagnostics on ``server`` in the training frame (x10, like
+        nerfstudio's viewer); returns the ``ns_extreme.viewer.scene.ExtremePanel``."""
+        from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
+
+        from ns_extreme.viewer.scene import ExtremePanel, load_scene, nerfstudio_frame
+
+        frame = getattr(self, "_extreme_frame", None)
+        if frame is None:  # nerfstudio always parses the train split first; be safe anyway
+            self.get_dataparser_outputs(split="train")
+            frame = self._extreme_frame
+        json_path, transform, scale_factor = frame
+        data = load_scene(json_path)
+        return ExtremePanel(server, data, nerfstudio_frame(transform, scale_factor, VISER_NERFSTUDIO_SCALE_RATIO))
 
     # ------------------------------------------------------------------ locating / producing the dataset
 
@@ -196,7 +229,7 @@ class Extreme3DDataParser(DataParser):
         extra = {
             "command": "extreme3d dataparser (on the fly)",
             "model": _jsonable(report),
-            "model_config": self.config.backbone.config,
+            "model_size": self.config.backbone.model_size,
             "network_input_size": backbone.target_size,
             "input": {"folder": str(data.absolute()), "images": len(images)},
             "depth_format": self.config.depth_format,
@@ -297,6 +330,8 @@ class Extreme3DDataParser(DataParser):
         else:
             dataparser_transform = transform_matrix
         dataparser_scale = scale_factor * float(top.get("applied_scale", 1.0))
+        if split == "train":  # the viewer panel draws in this frame: model world -> training frame
+            self._extreme_frame = (json_path, dataparser_transform.numpy().astype(np.float64), float(scale_factor))
 
         metadata: Dict[str, Any] = {}
         if self.config.load_3D_points:
