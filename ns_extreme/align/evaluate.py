@@ -31,7 +31,7 @@ from ns_extreme.align.data import PairDataset, collate_pairs, load_pair_list, re
 from ns_extreme.align.loss import rotations_from_pose_encoding
 from ns_extreme.align.metrics import format_table, rotation_errors_deg, summarize
 from ns_extreme.align.train import ModelSize, model_config_for
-from ns_extreme.io.atomic import atomic_write_json
+from ns_extreme.io.atomic import atomic_write_json, check_output_location
 from ns_extreme.models import get_spec, load_model
 from ns_extreme.runtime import DeviceName, DtypeName, resolve_device, resolve_dtype
 
@@ -164,7 +164,14 @@ def model_predictor(model: torch.nn.Module, device: torch.device, autocast_dtype
             device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
         ):
             out = model(images, heads=("camera",))
-        return rotations_from_pose_encoding(out["pose_enc"].float()).cpu()
+        pose_enc = out["pose_enc"].float()
+        if not torch.isfinite(pose_enc).all():
+            bad = [int(i) for i, ok in zip(batch["index"], torch.isfinite(pose_enc).flatten(1).all(1)) if not ok]
+            raise FloatingPointError(
+                f"the model produced NaN/Inf camera outputs for pair(s) {bad[:5]}: check --weights and the bias "
+                "checkpoint, or use --dtype fp32"
+            )
+        return rotations_from_pose_encoding(pose_enc).cpu()
 
     return predict
 
@@ -218,6 +225,7 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate every model of ``cfg.models`` (or the given ``predictors``, label -> predictor) and write the report."""
     cfg.validate()
+    check_output_location(cfg.output_dir, "--output-dir", inside=True)  # before minutes of inference
     pairs = load_pair_list(cfg.pairs)
     if cfg.max_pairs is not None:
         pairs.records = pairs.records[: cfg.max_pairs]

@@ -405,9 +405,17 @@ class PairList:
     def load_json(cls, path: str | os.PathLike[str]) -> PairList:
         """Read and validate; any problem raises PairFileError naming the file, pair index and field."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise PairFileError(f"cannot read pair list: {exc.strerror or exc}", file=path) from None
+        if raw.startswith((b"\x93NUMPY", b"\x80", b"PK\x03\x04")):  # .npy, pickle, torch zip: never unpickled here
+            raise PairFileError(
+                "this is a NumPy / pickle file, not a JSON pair list; convert the paper's pickled pair files once with "
+                "`ns-extreme-align pairs --sources FILE --allow-pickle --output pairs.json` (only for files you trust)",
+                file=path,
+            )
+        try:
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise PairFileError("not a UTF-8 JSON file", file=path) from None
         try:

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 import random
 import re
 import signal
@@ -42,7 +43,7 @@ from torch import nn
 
 from ns_extreme.align.data import AugmentConfig, EpochBatchSampler, PairDataset, collate_pairs, load_pair_list, resolve_images_root
 from ns_extreme.align.loss import IterationWeighting, pose_encoding_loss
-from ns_extreme.io.atomic import atomic_write_json, torch_save_atomic
+from ns_extreme.io.atomic import atomic_write_json, check_output_location, torch_save_atomic
 from ns_extreme.models import get_spec, load_model
 from ns_extreme.models.bias import BiasSet, bias_state_dict, write_bias_checkpoint
 from ns_extreme.runtime import DeviceName, resolve_device
@@ -269,8 +270,18 @@ def read_train_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: refused: it holds pickled Python objects other than tensors (possibly code), which are never "
+            "loaded (torch.load weights_only=True). Delete this file to resume from the previous checkpoint, or start "
+            "a new --output-dir"
+        ) from None
     except Exception as err:
-        raise ValueError(f"{path}: not a readable training checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
+        raise ValueError(
+            f"{path}: not a readable training checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+            "only plain tensors load (torch.load weights_only=True). Delete this file to resume from the previous "
+            "checkpoint, or start a new --output-dir"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an ns-extreme-align training checkpoint")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
@@ -401,6 +412,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
             f"{output_dir} already holds training checkpoints (newest step {existing[-1][0]}); "
             "pass --resume to continue, or choose another --output-dir"
         )
+    check_output_location(output_dir, "--output-dir", inside=True)  # before the model loads
     resume_path = existing[-1][1] if (cfg.resume and existing) else None
     ckpt = read_train_checkpoint(resume_path) if resume_path is not None else None
 
@@ -475,9 +487,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
         + (f"; resuming at step {step}" if ckpt is not None else ""),
     )
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(output_dir), purge_step=step if ckpt is not None else None)
+    writer = _LazySummaryWriter(str(output_dir), purge_step=step if ckpt is not None else None)
     history: list[dict[str, float]] = []
     stop = _StopFlag()
     last_ckpt: Optional[Path] = resume_path
@@ -507,7 +517,10 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
                         out = model(images, heads=("camera",))
                     loss = pose_encoding_loss(out["pose_enc_list"], R_gt, spec.reference_frame, cfg.loss_iterations)
                     if not torch.isfinite(loss.loss):
-                        raise FloatingPointError(f"non-finite loss at step {step}; lower --lr or disable --bf16")
+                        raise FloatingPointError(
+                            f"non-finite loss at step {step} (NaN/Inf in the model outputs): check --weights and "
+                            "--init-alignment, lower --lr, or disable --bf16"
+                        )
                     optimizer.zero_grad(set_to_none=True)
                     loss.loss.backward()
                     if cfg.grad_clip > 0:
@@ -572,6 +585,30 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
         model=model,
         optimizer=optimizer,
     )
+
+
+class _LazySummaryWriter:
+    """TensorBoard's SummaryWriter, created at the first scalar: a run that fails before its first logged step
+    (unreadable image, NaN loss) leaves no event file, and does not pay for importing tensorboard."""
+
+    def __init__(self, log_dir: str, purge_step: Optional[int]) -> None:
+        self.log_dir, self.purge_step = log_dir, purge_step
+        self._writer: Any = None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=self.log_dir, purge_step=self.purge_step)
+        self._writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 def _say(console: Any, message: str) -> None:

@@ -1,1 +1,1 @@
-"""Console scripts of ns_extreme (``ns-extreme-align`` in ``ns_extreme.cli.align``)."""
+"""Console scripts of ns_extreme (e.g. ``ns-extreme-align`` in ``ns_extreme.cli.align``)."""

@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -115,9 +116,28 @@ def _classify(path: Path, images_dir: Optional[Path]) -> _Source:
     )
 
 
+def _read_source(path: Path, what: str, read: Any) -> Any:
+    """Run a collection reader; malformed files give one error naming the file (not a bare KeyError / JSON
+    parser message)."""
+    try:
+        return read()
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON in {what} ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except (KeyError, TypeError, IndexError, AttributeError) as err:
+        raise ValueError(f"{path}: malformed {what} ({type(err).__name__}: {err})") from None
+    except ValueError as err:
+        if str(path) in str(err) or path.name in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from None
+    except RuntimeError as err:  # pycolmap reports unreadable binary models as RuntimeError
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: cannot read the {what} ({first})") from None
+
+
 def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
     """Run the ``pairs`` subcommand; returns the written pair-list path."""
     from ns_extreme.align.pairs import PairList, import_unscene_pairs, mine_pairs, scan_megaunscene, views_from_colmap, views_from_transforms
+    from ns_extreme.cli.process import rearm_interrupt_signals
 
     if not cfg.sources:
         raise ValueError("--sources needs at least one source")
@@ -163,11 +183,12 @@ def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
             assert s.images_dir is not None
             if not s.images_dir.is_dir():
                 raise FileNotFoundError(f"images folder of COLMAP model {s.path} not found: {s.images_dir} (pass --images-dir)")
-            scenes = [(s.scene, views_from_colmap(s.path, s.images_dir))]
+            scenes = [(s.scene, _read_source(s.path, "COLMAP model", lambda: views_from_colmap(s.path, s.images_dir)))]
             base = s.images_dir
         else:
-            scenes = [(s.scene, views_from_transforms(s.path))]
+            scenes = [(s.scene, _read_source(s.path, "transforms.json", lambda: views_from_transforms(s.path)))]
             base = s.path.parent
+        rearm_interrupt_signals()  # reading COLMAP models imports pycolmap, whose glog takes over SIGTERM
         for scene, views in scenes:
             views = rebase(views, base)
             mined = mine_pairs(
@@ -276,9 +297,30 @@ DESCRIPTION = (
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from ns_extreme.io.atomic import OutputExistsError
+    from ns_extreme.posing.backbone import NonFiniteOutputError
 
-    return (ValueError, FloatingPointError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, OutputExistsError)
+    # ValueError covers PairFileError, ModelLoadError, ImageReadError; OSError covers missing files, permissions,
+    # disk full (OutputWriteError), existing outputs.
+    return (ValueError, FloatingPointError, OSError, NonFiniteOutputError)
+
+
+_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process")
+
+
+def _worker_error_message(err: BaseException) -> Optional[str]:
+    """A user error raised inside a DataLoader worker comes back wrapped with the worker's traceback in its
+    message (torch's ExceptionWrapper); recover the original one-line message, or None for other errors."""
+    text = str(err)
+    m = _WORKER_ERROR.match(text)
+    if m is None:
+        return None
+    names = {"ValueError", "ImageReadError", "PairFileError", "ModelLoadError", "FileNotFoundError", "PermissionError",
+             "OSError", "IsADirectoryError", "NotADirectoryError", "FloatingPointError", "NonFiniteOutputError"}
+    if m.group(1) not in names:
+        return None
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    prefix = re.match(r"^[\w.]+(Error|Exception): ", last)
+    return last[prefix.end() :] if prefix else last
 
 
 def _error(message: str) -> None:
@@ -317,22 +359,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = os.environ.get("NS_EXTREME_TRACEBACK", "") not in ("", "0")
+    from ns_extreme.cli.process import interrupt_on_signals, interrupted_exit_code
+    from ns_extreme.io.atomic import describe_os_error
+
     try:
-        argv = _expand_presets(argv)
-        cfg = tyro.cli(Command, args=argv, prog=PROG, description=DESCRIPTION)
-        return run(cfg)
-    except _user_errors() as err:
-        if debug:
-            raise
-        _error(str(err))
-        return 2
-    except KeyboardInterrupt:
-        _error("interrupted")
-        return 130
+        with interrupt_on_signals():  # SIGTERM / SIGHUP clean up like Ctrl-C (train stops after its step)
+            argv = _expand_presets(argv)
+            cfg = tyro.cli(Command, args=argv, prog=PROG, description=DESCRIPTION)
+            return run(cfg)
     except BrokenPipeError:  # output piped into e.g. `head`, which closed early
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except _user_errors() as err:
+        if debug:
+            raise
+        _error(describe_os_error(err))
+        return 2
+    except RuntimeError as err:  # a user error raised in a DataLoader worker process (--num-workers > 0)
+        message = _worker_error_message(err)
+        if message is None or debug:
+            raise
+        _error(message)
+        return 2
+    except KeyboardInterrupt as err:
+        _error("interrupted" + (f" ({err.args[0]})" if err.args else ""))
+        return interrupted_exit_code(err)
 
 
 def entrypoint() -> None:

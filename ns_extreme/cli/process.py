@@ -3,19 +3,23 @@
 The same ``ExtremePoses`` command is offered by ``ns-process-data extreme-poses`` (nerfstudio's stock
 subcommands plus ours, see ``ns_extreme.nerfstudio.process_data``), by ``ns-extreme-process-data
 extreme-poses`` and by ``python -m ns_extreme.cli.process``. ``run_cli`` / ``run_guarded`` turn user
-errors into one red ``error: ...`` line on stderr and exit code 2 (no traceback), and Ctrl-C into
-``interrupted`` with exit code 130; the dataset writer stages everything in a hidden folder, so an
-interrupted or failed run leaves no half-written output.
+errors into one red ``error: ...`` line on stderr and exit code 2 (no traceback), and Ctrl-C / SIGTERM /
+SIGHUP into ``interrupted`` with exit code 128 + the signal number (130 / 143 / 129); the dataset writer stages
+everything in a hidden folder, so an interrupted or failed run leaves no half-written output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import resource
+import signal
 import sys
+import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
@@ -26,7 +30,7 @@ from typing_extensions import Annotated
 from ns_extreme.posing.options import PosingOptions
 
 EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128 + int(signal.SIGINT)
 
 TINY_TARGET_SIZE = 140
 """Network input width used with ``--model-size tiny`` (a multiple of the 14-pixel patch; keeps tests fast)."""
@@ -40,15 +44,69 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
 
     return (
         ValueError,  # includes ModelLoadError, ImageReadError
-        FileNotFoundError,
-        FileExistsError,  # includes ns_extreme.io.atomic.OutputExistsError
-        NotADirectoryError,
-        IsADirectoryError,
-        PermissionError,
+        OSError,  # files and folders: not found, exists (OutputExistsError), permissions, disk full, ...
         ModelLoadError,
         ImageReadError,
         NonFiniteOutputError,
     )
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM / SIGHUP turned into an exception, so that ``finally`` blocks and staging clean-up run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+TERMINATING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """While active, SIGTERM / SIGHUP raise ``Interrupted`` (a KeyboardInterrupt) like Ctrl-C does.
+
+    Python's default for them is to die on the spot, which would skip the clean-up of staging folders and
+    temporary files. Handlers installed inside (e.g. the trainer's stop flag) take precedence while they
+    are active. Only in the main thread (signal handlers cannot be set elsewhere).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = {}
+    for s in TERMINATING_SIGNALS:
+        if signal.getsignal(s) is signal.SIG_IGN:  # e.g. nohup: keep ignoring
+            continue
+        previous[s] = signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def rearm_interrupt_signals() -> None:
+    """Re-register the Python handlers of SIGTERM / SIGHUP with the OS.
+
+    Call after importing native libraries that install their own C-level handlers behind Python's back:
+    pycolmap's glog does so for SIGTERM at import (a stack dump, then abort), which would kill the process
+    without any clean-up.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in TERMINATING_SIGNALS:
+        handler = signal.getsignal(s)
+        if callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN):
+            signal.signal(s, handler)
+
+
+def interrupted_exit_code(exc: BaseException) -> int:
+    """128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + int(getattr(exc, "signum", signal.SIGINT))
 
 
 def _memory_hint(exc: BaseException) -> Optional[str]:
@@ -71,18 +129,23 @@ def print_error(message: str) -> None:
 
 
 def run_guarded(fn: Callable[[], Any], verbose: Callable[[], bool] = lambda: False) -> int:
-    """Call ``fn`` and map user errors to exit code 2 (one line), Ctrl-C to 130; returns the exit code.
+    """Call ``fn`` and map user errors to exit code 2 (one line), Ctrl-C / SIGTERM / SIGHUP to 128 + signal;
+    returns the exit code.
 
     ``verbose()`` is asked after a failure: when true the traceback is printed before the error line.
     SystemExit (tyro's own usage errors, ``--help``) passes through unchanged.
     """
+    from ns_extreme.io.atomic import describe_os_error
+
     try:
-        fn()
-    except KeyboardInterrupt:
+        with interrupt_on_signals():
+            fn()
+    except KeyboardInterrupt as exc:
         from rich.console import Console
 
-        Console(stderr=True).print("[bold red]interrupted[/bold red] (nothing was written)")
-        return EXIT_INTERRUPTED
+        name = f" ({exc.args[0]})" if isinstance(exc, Interrupted) else ""
+        Console(stderr=True).print(f"[bold red]interrupted[/bold red]{name} (nothing was written)")
+        return interrupted_exit_code(exc)
     except BaseException as exc:  # noqa: BLE001 - filtered below
         if isinstance(exc, SystemExit):
             raise
@@ -91,7 +154,7 @@ def run_guarded(fn: Callable[[], Any], verbose: Callable[[], bool] = lambda: Fal
             raise
         if verbose():
             traceback.print_exc()
-        print_error(hint or str(exc) or type(exc).__name__)
+        print_error(hint or describe_os_error(exc))
         return EXIT_USER_ERROR
     return 0
 
@@ -147,6 +210,19 @@ class PoseModelOptions:
     """Where to run the model (auto: cuda, then mps, then cpu)."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision (auto: bf16/fp16 on CUDA, bf16 on CPUs with fast bf16, else fp32)."""
+
+
+_UNSUPPORTED = {
+    (".heic", ".heif", ".avif"): "HEIC/HEIF/AVIF photos are not read: convert them to JPEG first (e.g. `heif-convert`, or export as JPEG)",
+    (".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"): "camera RAW files are not read: export them as JPEG/PNG/TIFF first",
+    (".mp4", ".mov", ".avi", ".mkv", ".webm"): "videos are not read: extract frames first, e.g. with `ns-process-data video`",
+}
+
+
+def _unsupported_hint(skipped: Sequence[Path]) -> str:
+    """``; <what to do>`` for skipped files of formats users expect to work (iPhone HEIC, RAW, video)."""
+    hints = [h for exts, h in _UNSUPPORTED.items() if any(p.suffix.lower() in exts for p in skipped)]
+    return "".join(f"; {h}" for h in hints)
 
 
 def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print):
@@ -212,8 +288,15 @@ class ExtremePoses:
     """Log more, and print tracebacks on errors."""
 
     def _check_paths(self) -> list[Path]:
-        from ns_extreme.io.atomic import OutputExistsError
-        from ns_extreme.io.images import scan_images
+        """Check the input and output before any model is loaded; returns the images to pose.
+
+        Non-image files, empty / unreadable / corrupt image files and byte-identical copies are skipped with a
+        warning (listed in extreme_poses.json); an error only if fewer than 2 usable images remain.
+        """
+        from rich.markup import escape
+
+        from ns_extreme.io.atomic import OutputExistsError, check_output_location
+        from ns_extreme.io.images import scan_images, screen_images
 
         data = Path(self.data)
         if not data.exists():
@@ -229,17 +312,38 @@ class ExtremePoses:
             raise ValueError(f"--output-dir {self.output_dir} contains the input images; choose another folder")
         if (out.exists() or out.is_symlink()) and not self.overwrite:
             raise OutputExistsError(f"output folder already exists: {self.output_dir} (pass --overwrite to replace it)")
+        if (out.exists() or out.is_symlink()) and (out.is_symlink() or not out.is_dir()):
+            raise OutputExistsError(f"--output-dir {out} exists and is not a folder; refusing to replace it")
+        check_output_location(out, "--output-dir")
         listing = scan_images(data)
+        console = self._console()
         self._skipped = [p.name for p in listing.skipped]
+        self._skip_reasons = {p.name: "not an image file (by extension)" for p in listing.skipped}
+        self._skip_notes: list[str] = []
+        hint = _unsupported_hint(listing.skipped)
         if listing.skipped:
             names = ", ".join(self._skipped[:5]) + (" ..." if len(self._skipped) > 5 else "")
-            self._console().print(f"[yellow]warning:[/yellow] skipping {len(listing.skipped)} non-image file(s): {names}")
+            console.print(f"[yellow]warning:[/yellow] skipping {len(listing.skipped)} non-image file(s): {escape(names)}{escape(hint)}")
         if len(listing.images) < 2:
             raise ValueError(
                 f"--data {data}: found {len(listing.images)} image(s); posing needs at least 2 "
-                "(JPEG/PNG/WebP/BMP/TIFF files directly in the folder)"
+                f"(JPEG/PNG/WebP/BMP/TIFF files directly in the folder){hint}"
             )
-        return list(listing.images)
+        screen = screen_images(listing.images)
+        self._skipped_images = [{"file": s.path.name, "path": str(s.path), "reason": s.reason} for s in screen.skipped]
+        for s in screen.skipped:
+            self._skipped.append(s.path.name)
+            self._skip_reasons[s.path.name] = s.reason
+            note = f"skipping {s.describe()}"
+            self._skip_notes.append(note)
+            console.print(f"[yellow]warning:[/yellow] {escape(note)}")
+        if len(screen.usable) < 2:
+            shown = "; ".join(s.describe() for s in screen.skipped[:5]) + ("; ..." if len(screen.skipped) > 5 else "")
+            raise ValueError(
+                f"--data {data}: only {len(screen.usable)} of {len(listing.images)} images can be used, posing needs at "
+                f"least 2 (skipped: {shown}); replace or remove the unreadable files, or add more photos"
+            )
+        return list(screen.usable)
 
     def _console(self):
         from rich.console import Console
@@ -253,11 +357,15 @@ class ExtremePoses:
         from ns_extreme.io.dataset import write_dataset
         from ns_extreme.posing.pipeline import pose_images
 
+        rearm_interrupt_signals()  # pycolmap (imported by write_dataset) replaces the SIGTERM handler
+
         logging.basicConfig(level=logging.INFO if self.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         console = self._console()
         t0 = time.perf_counter()
         images = self._check_paths()
         console.print(f"[bold]extreme-poses[/bold]: {len(images)} images in {escape(str(self.data))}")
+        if self.posing.poses_from is not None and not Path(self.posing.poses_from).exists():
+            raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")
 
         with console.status(f"loading {self.backbone.model} model ..."):
             t = time.perf_counter()
@@ -270,6 +378,11 @@ class ExtremePoses:
         recon.timings["model_load_s"] = load_s
         for note in recon.warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(note)}")
+        for s in recon.provenance.get("skipped_images", []):  # found while decoding (truncated data, ...)
+            self._skipped.append(s["file"])
+            self._skip_reasons[s["file"]] = s["reason"]
+            self._skipped_images.append(s)
+        recon.warnings[:0] = self._skip_notes  # the early ones were printed before the model loaded
 
         extra = {
             "command": "extreme-poses",
@@ -277,7 +390,13 @@ class ExtremePoses:
             "model": _jsonable(report),
             "model_size": self.backbone.model_size,
             "network_input_size": backbone.target_size,
-            "input": {"folder": str(Path(self.data).absolute()), "images": len(images), "skipped_files": self._skipped},
+            "input": {
+                "folder": str(Path(self.data).absolute()),
+                "images": recon.num_views,
+                "skipped_files": self._skipped,
+                "skipped_reasons": self._skip_reasons,
+            },
+            "skipped_images": self._skipped_images,
             "compare_pretrained": self.compare_pretrained,
             "depth_format": self.depth_format,
         }

@@ -8,6 +8,7 @@ into place only when the whole body succeeded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import secrets
@@ -20,6 +21,9 @@ from typing import IO, Any
 
 __all__ = [
     "OutputExistsError",
+    "OutputWriteError",
+    "describe_os_error",
+    "check_output_location",
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_json",
@@ -30,6 +34,71 @@ __all__ = [
 
 class OutputExistsError(FileExistsError):
     """The output already exists and overwriting was not requested."""
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (disk full, quota, permissions, ...); the message names the output and the fix.
+    Nothing half-written is left behind. ``errno`` is the original error's; the original OSError is the
+    ``__cause__``."""
+
+    def __init__(self, code: int | None, message: str) -> None:
+        super().__init__(code, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+_OS_ERROR_HINTS = {
+    errno.ENOSPC: "no space left on device (free some space or write somewhere else)",
+    errno.EDQUOT: "disk quota exceeded (free some space or write somewhere else)",
+    errno.EFBIG: "file too large for this file system or for the file-size limit (`ulimit -f`)",
+    errno.EROFS: "read-only file system (write somewhere else)",
+    errno.EACCES: "permission denied (choose a folder you can write to, or fix its permissions)",
+    errno.EPERM: "operation not permitted (choose a folder you can write to, or fix its permissions)",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EMFILE: "too many open files (raise `ulimit -n`)",
+    errno.EIO: "input/output error (failing disk or network drive?)",
+}
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """One line for an OSError: ``<file>: <what happened and how to fix it>``; our own messages unchanged."""
+    if not isinstance(exc, OSError) or exc.errno is None or isinstance(exc, OutputWriteError):
+        return str(exc) or type(exc).__name__
+    what = _OS_ERROR_HINTS.get(exc.errno, exc.strerror or str(exc))
+    where = exc.filename if exc.filename is not None else None
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}"
+    return f"{where}: {what}" if where is not None else what
+
+
+def check_output_location(out: str | os.PathLike[str], option: str = "output", inside: bool = False) -> None:
+    """Fail early (before minutes of work) if ``out`` could not be created: its nearest existing ancestor must
+    be a folder we can create entries in (probed with a temporary folder, removed at once). ``inside``: ``out``
+    is a folder that is written into (a training run), so an existing ``out`` is probed itself. Raises
+    NotADirectoryError / PermissionError / OSError naming ``option``, the folder and the fix."""
+    out = Path(out).absolute()
+    parent = out if inside and out.is_dir() else out.parent
+    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{option} {out}: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as exc:
+        why = _OS_ERROR_HINTS.get(exc.errno, exc.strerror or str(exc)) if exc.errno is not None else str(exc)
+        kind = PermissionError if isinstance(exc, PermissionError) else OSError
+        raise kind(f"{option} {out}: cannot write in {parent}: {why}") from None
+
+
+def _write_failed(exc: OSError, target: Path, inside: Path | None = None) -> OutputWriteError:
+    what = _OS_ERROR_HINTS.get(exc.errno, exc.strerror or str(exc)) if exc.errno is not None else str(exc)
+    detail = ""
+    if inside is not None and exc.filename:
+        with contextlib.suppress(ValueError, TypeError):
+            detail = f" while writing {Path(os.fsdecode(exc.filename)).relative_to(inside)}"
+    return OutputWriteError(exc.errno, f"could not write {target}{detail}: {what}; nothing was written")
 
 
 def _current_umask() -> int:
@@ -56,9 +125,16 @@ def _fsync_dir(folder: Path) -> None:
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = (target.stat().st_mode & 0o7777) if target.is_file() else (0o666 & ~_current_umask())
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = (target.stat().st_mode & 0o7777) if target.is_file() else (0o666 & ~_current_umask())
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):  # mkdir(exist_ok=True) on a file
+            raise OutputWriteError(errno.ENOTDIR, f"could not write {target}: {target.parent} is a file, not a folder") from exc
+        if exc.errno in _OS_ERROR_HINTS:
+            raise _write_failed(exc, target) from exc
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -66,9 +142,11 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
             os.fsync(f.fileno())
         os.chmod(tmp_name, mode)
         os.replace(tmp_name, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError) and exc.errno in _OS_ERROR_HINTS:
+            raise _write_failed(exc, target) from exc
         raise
     _fsync_dir(target.parent)
     return target
@@ -117,15 +195,25 @@ def staged_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
     """
     final = Path(final_dir).absolute()
     _refuse_existing(final, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):  # mkdir(exist_ok=True) on a file
+            raise OutputWriteError(errno.ENOTDIR, f"could not write {final}: {final.parent} is a file, not a folder") from exc
+        if exc.errno in _OS_ERROR_HINTS:
+            raise _write_failed(exc, final) from exc
+        raise
     try:
         os.chmod(staging, 0o777 & ~_current_umask())
         yield staging
         _refuse_existing(final, overwrite)  # something may have appeared while we worked
         _publish(staging, final)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
+        cause = exc.__cause__ if isinstance(exc, OutputWriteError) else exc  # a file written atomically inside
+        if isinstance(cause, OSError) and not isinstance(cause, OutputWriteError) and cause.errno in _OS_ERROR_HINTS:
+            raise _write_failed(cause, final, staging) from cause
         raise
 
 

@@ -36,16 +36,23 @@ DepthFormat = Literal["png", "npy", "none"]
 
 def depth_at_original_resolution(depth_pre: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """Nearest-neighbour resample of a preprocessed depth map onto the original pixel grid (0 = not seen,
-    e.g. rows removed by the crop)."""
+    e.g. rows removed by the crop).
+
+    The preprocessing map is a per-axis scale + shift, so columns and rows are looked up separately: memory is
+    the output plus O(H + W) (a 100 MP photo needs 400 MB, not the ~10 GB of a full pixel-coordinate grid).
+    """
     H, W = record.original_hw
-    u, v = np.meshgrid(np.arange(W) + 0.5, np.arange(H) + 0.5)
-    uv = record.points_to_preprocessed(np.stack([u, v], axis=-1))
-    col = np.floor(uv[..., 0]).astype(np.int64)
-    row = np.floor(uv[..., 1]).astype(np.int64)
+    # Same arithmetic as PreprocessRecord.points_to_preprocessed on pixel centres (j + 0.5, i + 0.5).
+    u = record.points_to_preprocessed(np.stack([np.arange(W) + 0.5, np.full(W, 0.5)], axis=-1))[:, 0]
+    v = record.points_to_preprocessed(np.stack([np.full(H, 0.5), np.arange(H) + 0.5], axis=-1))[:, 1]
+    col = np.floor(u).astype(np.int64)
+    row = np.floor(v).astype(np.int64)
     x0, y0, x1, y1 = record.valid_region_preprocessed()
-    inside = (col >= x0) & (col < x1) & (row >= y0) & (row < y1)
+    cols_in = (col >= x0) & (col < x1)
+    rows_in = (row >= y0) & (row < y1)
     out = np.zeros((H, W), dtype=np.float32)
-    out[inside] = depth_pre[row[inside], col[inside]]
+    if cols_in.any() and rows_in.any():
+        out[np.ix_(rows_in, cols_in)] = depth_pre[np.ix_(row[rows_in], col[cols_in])]
     return out
 
 
@@ -59,12 +66,23 @@ def _needs_reencoding(path: Path) -> bool:
         return True
 
 
-def _export_image(src: Path, images_dir: Path) -> str:
-    if _needs_reencoding(src):
-        name = f"{src.stem}.png"
+def _export_image(src: Path, images_dir: Path, used_stems: set[str]) -> str:
+    """Copy (or re-encode as PNG) ``src`` into ``images_dir`` under a name whose stem no other exported image
+    has (depth maps are named by the stem: ``a.jpg`` and a re-encoded ``a.tif`` must not collide)."""
+    reencode = _needs_reencoding(src)
+    suffix = ".png" if reencode else src.suffix
+    stem = src.stem
+    if stem.casefold() in used_stems:
+        base = f"{src.stem}_{src.suffix.lstrip('.').lower() or 'img'}"
+        stem, k = base, 1
+        while stem.casefold() in used_stems:
+            k += 1
+            stem = f"{base}{k}"
+    used_stems.add(stem.casefold())
+    name = f"{stem}{suffix}"
+    if reencode:
         Image.fromarray(load_rgb(src)).save(images_dir / name)
     else:
-        name = src.name
         shutil.copy2(src, images_dir / name)
     return f"images/{name}"
 
@@ -134,7 +152,8 @@ def write_dataset(
     final = Path(output_dir)
     with staged_output_dir(final, overwrite=overwrite) as out:
         (out / "images").mkdir()
-        image_files = [_export_image(p, out / "images") for p in recon.image_paths]
+        used_stems: set[str] = set()
+        image_files = [_export_image(p, out / "images", used_stems) for p in recon.image_paths]
         depth_files = None
         if depth_format != "none":
             (out / "depth").mkdir()

@@ -11,9 +11,14 @@ Pixel coordinates are continuous: an image spans [0, W]×[0, H] and pixel (i, j)
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from struct import error as struct_error
 from typing import Literal, Sequence, Union
 
 import numpy as np
@@ -21,6 +26,14 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+MAX_CROP_ASPECT = 32
+"""``crop`` preprocessing scales the width to the network size first, so a strip taller than this many times its
+width would be resized to millions of rows before the crop (gigabytes); such images are refused (use ``pad``)."""
+
+MAX_IMAGE_PIXELS = 250_000_000
+"""Larger images are refused (``ImageReadError``) before decoding: 250 MP (e.g. 20,000 x 12,500) needs ~1 GB as
+RGB. Pillow's own decompression-bomb limit (~179 MP) is lifted up to this, so 200 MP phone photos load."""
 
 PreprocessMode = Literal["crop", "pad"]
 ImageSource = Union[str, "os.PathLike[str]", np.ndarray, Image.Image]
@@ -110,34 +123,151 @@ def _pil_to_rgb_u8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
-    """Read an image as RGB uint8 [H, W, 3] with its EXIF orientation applied.
+_PIL_LIMIT_LOCK = threading.Lock()
 
-    Raises ``ImageReadError`` naming the file for missing, empty, truncated, corrupt or unsupported files.
-    """
-    path = Path(path)
+
+@contextlib.contextmanager
+def _read_errors(path: Path) -> Iterator[None]:
+    """Translate whatever Pillow / the OS raise while reading ``path`` into ``ImageReadError`` naming it."""
     try:
-        if path.is_dir():
-            raise ImageReadError(path, "is a folder, not a file")
-        if path.stat().st_size == 0:
-            raise ImageReadError(path, "file is empty (0 bytes)")
-        with Image.open(path) as img:
-            img.load()
-            upright = ImageOps.exif_transpose(img)
-            return _pil_to_rgb_u8(upright if upright is not None else img)
+        yield
     except ImageReadError:
         raise
     except FileNotFoundError as e:
         raise ImageReadError(path, "file not found") from e
     except PermissionError as e:
-        raise ImageReadError(path, "permission denied") from e
+        raise ImageReadError(path, "permission denied (make the file readable, or remove it)") from e
     except Image.DecompressionBombError as e:
         raise ImageReadError(path, f"image too large ({e})") from e
     except UnidentifiedImageError as e:
         raise ImageReadError(path, "not a recognised image format (corrupt or not an image)") from e
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError) as e:
+    except MemoryError as e:
+        raise ImageReadError(path, "out of memory while decoding (image too large?)") from e
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct_error) as e:
         # Pillow reports truncated/corrupt data with assorted exception types.
         raise ImageReadError(path, f"corrupt or truncated image data ({type(e).__name__}: {e})") from e
+
+
+def _open_image(path: Path) -> Image.Image:
+    """``Image.open`` (header only) with our pixel limit instead of Pillow's; the caller closes the image."""
+    if path.is_dir():
+        raise ImageReadError(path, "is a folder, not a file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "file is empty (0 bytes)")
+    with _PIL_LIMIT_LOCK:  # Pillow checks its global limit in open(); swap it for ours just there
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            img = Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        img.close()
+        raise ImageReadError(path, f"image has no pixels ({w}x{h})")
+    if w * h > MAX_IMAGE_PIXELS:
+        img.close()
+        raise ImageReadError(
+            path,
+            f"image too large ({w}x{h} = {w * h / 1e6:.0f} MP, limit {MAX_IMAGE_PIXELS / 1e6:.0f} MP); downscale it first",
+        )
+    return img
+
+
+def probe_image(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) from the file header (before EXIF rotation) without decoding the pixels.
+
+    Raises ``ImageReadError`` for missing, empty, unreadable, unrecognised or too large files. Truncated pixel
+    data is only found by decoding (``load_rgb``).
+    """
+    path = Path(path)
+    with _read_errors(path):
+        with _open_image(path) as img:
+            return img.size
+
+
+def load_rgb(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an image as RGB uint8 [H, W, 3] with its EXIF orientation applied.
+
+    Raises ``ImageReadError`` naming the file for missing, empty, truncated, corrupt, too large or unsupported files.
+    """
+    path = Path(path)
+    with _read_errors(path):
+        with _open_image(path) as img:
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+            return _pil_to_rgb_u8(upright if upright is not None else img)
+
+
+# ---------------------------------------------------------------------------------------------- screening
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    """An image file left out of posing, and why (one line, for warnings and extreme_poses.json)."""
+
+    path: Path
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.path.name}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class ImageScreen:
+    """``screen_images`` result: the images to pose (input order) and the ones left out."""
+
+    usable: tuple[Path, ...]
+    skipped: tuple[SkippedImage, ...]
+
+
+def _file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def screen_images(paths: Sequence[str | os.PathLike[str]], dedupe: bool = True) -> ImageScreen:
+    """Leave out files that cannot be posed, without decoding any pixels (fast; the documented fallback).
+
+    Skipped: missing, empty (0 bytes), unreadable (permissions), unrecognised / corrupt headers, images above
+    ``MAX_IMAGE_PIXELS``, and (``dedupe``) byte-identical copies of an earlier file (the first is kept). Only
+    files whose size equals another's are hashed. Truncated pixel data is found later, while decoding
+    (``preprocess_images(..., on_error="skip")``).
+    """
+    usable: list[Path] = []
+    skipped: list[SkippedImage] = []
+    for p in (Path(p) for p in paths):
+        try:
+            probe_image(p)
+        except ImageReadError as e:
+            skipped.append(SkippedImage(p, e.reason))
+            continue
+        usable.append(p)
+    if dedupe and len(usable) > 1:
+        by_size: dict[int, list[Path]] = {}
+        for p in usable:
+            by_size.setdefault(p.stat().st_size, []).append(p)
+        first_of: dict[str, Path] = {}
+        copies: dict[Path, Path] = {}
+        for group in by_size.values():
+            if len(group) < 2:
+                continue
+            for p in group:
+                try:
+                    digest = _file_digest(p)
+                except OSError:
+                    continue  # reported when it is loaded
+                if digest in first_of:
+                    copies[p] = first_of[digest]
+                else:
+                    first_of[digest] = p
+        if copies:
+            skipped += [SkippedImage(p, f"duplicate of {copies[p].name} (same bytes)") for p in usable if p in copies]
+            usable = [p for p in usable if p not in copies]
+    return ImageScreen(tuple(usable), tuple(skipped))
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -211,11 +341,15 @@ class PreprocessRecord:
 
 @dataclass(frozen=True)
 class PreprocessedBatch:
-    """Network input [N, 3, H, W] float32 in [0, 1], one record per image, and the source paths (None for arrays)."""
+    """Network input [N, 3, H, W] float32 in [0, 1], one record per image, and the source paths (None for arrays).
+
+    ``skipped``: files left out because they could not be read (only with ``on_error="skip"``).
+    """
 
     images: torch.Tensor
     records: list[PreprocessRecord]
     paths: list[Path | None]
+    skipped: list[SkippedImage] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -252,13 +386,18 @@ def preprocess_images(
     mode: PreprocessMode = "crop",
     target_size: int = 518,
     patch_size: int = 14,
+    on_error: Literal["raise", "skip"] = "raise",
 ) -> PreprocessedBatch:
     """Load (paths) or take (uint8 arrays / PIL images) images and preprocess them exactly like VGGT.
 
     crop: width → target, height → round(h·target/w/patch)·patch, bicubic, centre-crop rows to target.
     pad: longer side → target, other rounded to the patch size, centre-pad to target² with 1.0.
     Mixed output shapes are centre-padded with 1.0 to the largest H and W.
+    ``on_error="skip"``: files that cannot be read are left out and listed in ``skipped`` (``ImageReadError``
+    only if none can be read); ``"raise"``: the first unreadable file raises ``ImageReadError``.
     """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if mode not in ("crop", "pad"):
         raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
     if target_size <= 0 or patch_size <= 0 or target_size % patch_size:
@@ -269,9 +408,27 @@ def preprocess_images(
     tensors: list[torch.Tensor] = []
     partial: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]] = []
     paths: list[Path | None] = []
+    skipped: list[SkippedImage] = []
     for source in sources:
-        rgb, path = _source_to_rgb(source)
+        try:
+            rgb, path = _source_to_rgb(source)
+        except ImageReadError as e:
+            if on_error == "raise":
+                raise
+            skipped.append(SkippedImage(e.path, e.reason))
+            continue
         orig_hw = (int(rgb.shape[0]), int(rgb.shape[1]))
+        if mode == "crop" and orig_hw[0] > MAX_CROP_ASPECT * orig_hw[1]:
+            reason = (
+                f"too tall for --preprocess crop ({orig_hw[1]}x{orig_hw[0]}, height > {MAX_CROP_ASPECT}x width); "
+                "use --preprocess pad, or crop the image"
+            )
+            if path is None:
+                raise ValueError(f"image array {orig_hw[1]}x{orig_hw[0]}: {reason}")
+            if on_error == "raise":
+                raise ImageReadError(path, reason)
+            skipped.append(SkippedImage(path, reason))
+            continue
         new_h, new_w = resized_size(orig_hw, mode, target_size, patch_size)
         resized = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
         img = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).float().div(255.0)
@@ -283,6 +440,10 @@ def preprocess_images(
         tensors.append(img)
         partial.append((orig_hw, (new_h, new_w), (0, crop_top), content_hw))
         paths.append(path)
+        del rgb, resized  # keep one decoded original in memory at a time (large photos)
+    if not tensors:
+        first = skipped[0]
+        raise ImageReadError(first.path, f"{first.reason} (and none of the other {len(skipped) - 1} image(s) could be read either)")
 
     if mode == "pad":
         max_h = max_w = target_size
@@ -307,4 +468,4 @@ def preprocess_images(
                 mode=mode,
             )
         )
-    return PreprocessedBatch(images=out, records=records, paths=paths)
+    return PreprocessedBatch(images=out, records=records, paths=paths, skipped=skipped)
