@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 
@@ -42,3 +43,51 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+PRECISIONS = ("auto", "fp32", "bf16-weights", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a backbone stores its weights and computes (see benchmarks/README.md for measured trade-offs).
+
+    ``fp32``: everything float32 (bit-exact with the reference). ``bf16-weights``: linear-layer matrices stored
+    in bfloat16 (half the weight memory), all arithmetic float32: the low-memory choice on CPUs without fast
+    bfloat16. ``bf16`` / ``fp16``: weights stored narrow and matmuls / attention under autocast in that dtype,
+    norms and the residual stream in float32 (the reference recipe, minus the float32 weight copy).
+    """
+
+    name: str
+    weights: torch.dtype
+    """Storage dtype of the linear-layer matrices (``load_model(storage_dtype=...)``)."""
+    params: torch.dtype
+    """dtype of every other parameter and of the model's inputs (``load_model(dtype=...)``)."""
+    autocast: Optional[torch.dtype]
+    """Autocast dtype for the forward pass, or None."""
+
+    @property
+    def compute(self) -> torch.dtype:
+        """The dtype the backbone adapters take (``VGGTBackbone(dtype=...)``)."""
+        return self.autocast or self.params
+
+
+def resolve_precision(name: str, device: torch.device) -> Precision:
+    """``auto``: bf16 (fp16 without bf16 support) on CUDA, bf16 on CPUs with AMX / AVX-512 BF16, else fp32."""
+    if name == "auto":
+        if device.type == "cuda":
+            name = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        elif device.type == "cpu" and cpu_has_fast_bf16():
+            name = "bf16"
+        else:
+            name = "fp32"
+    f32 = torch.float32
+    table = {
+        "fp32": Precision("fp32", f32, f32, None),
+        "bf16-weights": Precision("bf16-weights", torch.bfloat16, f32, None),
+        "bf16": Precision("bf16", torch.bfloat16, f32, torch.bfloat16),
+        "fp16": Precision("fp16", torch.float16, f32, torch.float16),
+    }
+    if name not in table:
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+    return table[name]

@@ -2,23 +2,58 @@
 
 Module and parameter names (``attn.qkv``, ``ls1.gamma``, ``mlp.fc1`` ...) follow the official checkpoints so
 that their state dicts load without renaming.
+
+Speed notes (all bit-exact with the straightforward formulation in float32, see benchmarks/README.md):
+
+* RoPE cos/sin rows are gathered once per forward (:class:`RopeTables`) and shared by every block, q and k,
+  instead of being rebuilt 4 times per block; the rotation runs in the ``[B, N, heads, D]`` layout that the
+  fused qkv projection produces, so q and k need no permute copies;
+* without autograd, LayerScale and the rotation work in place (fewer multi-MB temporaries);
+* :class:`Linear` accepts weights stored in a narrower dtype than its input (``bfloat16`` weights, ``float32``
+  math: half the weight memory at float32 speed on CPUs without fast bfloat16), see
+  :func:`store_weights_in`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state-dict keys) whose weights may be stored in a narrower dtype
+    than the activations: they are then cast to the input's dtype for each call (weight-only compression).
+    With matching dtypes (or under autocast) it is exactly ``nn.Linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if weight.dtype != x.dtype and x.is_floating_point() and not torch.is_autocast_enabled(x.device.type):
+            weight = weight.to(x.dtype)
+            bias = None if bias is None else bias.to(x.dtype)
+        return F.linear(x, weight, bias)
+
+
+def store_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the matrices of every :class:`Linear` of ``model`` in ``dtype`` (e.g. bfloat16), leaving all other
+    parameters (biases, norms, LayerScale, tokens, convolutions) as they are. Returns the number of converted
+    parameters. Inputs keep the model's compute dtype; each Linear upcasts its weight per call."""
+    converted = 0
+    for module in model.modules():
+        if isinstance(module, Linear) and module.weight.dtype != dtype:
+            module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=module.weight.requires_grad)
+            converted += module.weight.numel()
+    return converted
+
+
 class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, out_features: Optional[int] = None) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+        self.fc2 = Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -30,6 +65,9 @@ class LayerScale(nn.Module):
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In place when nothing needs the unscaled branch output (inference) and no dtype promotion happens.
+        if not torch.is_grad_enabled() and x.dtype == self.gamma.dtype:
+            return x.mul_(self.gamma)
         return x * self.gamma
 
 
@@ -49,21 +87,58 @@ class RotaryPositionEmbedding2D(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    @staticmethod
-    def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
+    def tables(self, positions: torch.Tensor) -> "RopeTables":
+        """Per-token cos/sin rows for ``positions`` [B, N, 2]: build once, pass as ``pos`` to every block."""
+        return RopeTables(self, positions)
 
-    def _rotate(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        cos_p = F.embedding(pos, cos)[:, None]
-        sin_p = F.embedding(pos, sin)[:, None]
-        return x * cos_p + self._rotate_half(x) * sin_p
+    def forward(self, x: torch.Tensor, positions: Union[torch.Tensor, "RopeTables"]) -> torch.Tensor:
+        """x: [B, heads, N, D]; positions: [B, N, 2] integer (row, col), or their :class:`RopeTables`."""
+        tables = positions if isinstance(positions, RopeTables) else RopeTables(self, positions)
+        return tables.rotate(x.transpose(1, 2)).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: [B, heads, N, D]; positions: [B, N, 2] integer (row, col)."""
-        cos, sin = self._cos_sin(x.shape[-1] // 2, int(positions.max()) + 1, x.device, x.dtype)
-        rows, cols = x.chunk(2, dim=-1)
-        return torch.cat((self._rotate(rows, positions[..., 0], cos, sin), self._rotate(cols, positions[..., 1], cos, sin)), dim=-1)
+
+class RopeTables:
+    """cos/sin rows of the 2D RoPE for one set of token positions, per (head_dim, dtype, device), cached.
+
+    Element for element this computes ``x * cos + rotate_half(x) * sin`` on each half of a head (exactly the
+    same float operations); the sign of ``rotate_half`` is folded into the sine table, which is exact.
+    """
+
+    def __init__(self, rope: RotaryPositionEmbedding2D, positions: torch.Tensor) -> None:
+        self.rope = rope
+        self.positions = positions
+        self._length: Optional[int] = None
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each [B, N, head_dim]."""
+        key = (head_dim, dtype, device)
+        if key not in self._cache:
+            if self._length is None:
+                self._length = int(self.positions.max()) + 1
+            half = head_dim // 2
+            cos, sin = self.rope._cos_sin(half, self._length, device, dtype)
+            quarter = half // 2
+            sin = torch.cat((-sin[:, :quarter], sin[:, quarter:]), dim=-1)
+            pos = self.positions.to(device)
+            rows, cols = pos[..., 0], pos[..., 1]
+            self._cache[key] = (
+                torch.cat((F.embedding(rows, cos), F.embedding(cols, cos)), dim=-1),
+                torch.cat((F.embedding(rows, sin), F.embedding(cols, sin)), dim=-1),
+            )
+        return self._cache[key]
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, heads, D] -> rotated, same layout."""
+        B, N, H, D = x.shape
+        cos, sin = self.get(D, x.dtype, x.device)
+        cos, sin = cos[:, :, None], sin[:, :, None]
+        # Swap the two quarters inside each half: [a, b, c, d] -> [b, a, d, c]; the sine table carries the sign.
+        swapped = x.reshape(B, N, H, 2, 2, D // 4).flip(-2).reshape(B, N, H, D)
+        if torch.is_grad_enabled():
+            return x * cos + swapped * sin
+        out = x * cos
+        return out.add_(swapped.mul_(sin))
 
 
 class Attention(nn.Module):
@@ -78,20 +153,21 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = Linear(dim, dim * 3)
         self.q_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=qk_norm_eps) if qk_norm else nn.Identity()
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.rope = rope  # one parameter-free instance shared by all blocks
 
-    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Optional[Union[torch.Tensor, RopeTables]] = None) -> torch.Tensor:
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        # [B, N, 3, heads, D]: q, k, v stay in the token-major layout (SDPA takes the transposed views).
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None and pos is not None:
-            q, k = self.rope(q, pos), self.rope(k, pos)
-        x = F.scaled_dot_product_attention(q, k, v)
+            tables = pos if isinstance(pos, RopeTables) else self.rope.tables(pos)
+            q, k = tables.rotate(q), tables.rotate(k)
+        x = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -116,7 +192,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: Optional[Union[torch.Tensor, RopeTables]] = None) -> torch.Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
         return x + self.ls2(self.mlp(self.norm2(x)))
 

@@ -6,14 +6,15 @@ import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import nn
 
 from ns_extreme.models.bias import AlignmentReport, apply_bias_tensors, read_bias_checkpoint
 from ns_extreme.models.registry import ModelSpec, get_spec
-from ns_extreme.models.weights import check_state_dict, fingerprint, read_state_dict, resolve_weights
+from ns_extreme.models.layers import Linear, store_weights_in
+from ns_extreme.models.weights import WeightsReader, check_state_dict, fingerprint, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,19 @@ def resolve_alignment(spec: ModelSpec, alignment: str | Path | None) -> Optional
     return Path(alignment)
 
 
+def _drop_heads(model: nn.Module, heads: Optional[Iterable[str]]) -> list[str]:
+    if heads is None or not hasattr(model, "drop_heads"):
+        return []
+    return model.drop_heads(heads)
+
+
+def _stored_narrow(model: nn.Module, dtype: torch.dtype, storage_dtype: Optional[torch.dtype]) -> set[str]:
+    """State-dict keys that ``store_weights_in`` would narrow: read them in ``storage_dtype`` directly."""
+    if storage_dtype is None or storage_dtype == dtype:
+        return set()
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
+
+
 def load_model(
     name: str = "vggt",
     weights: str | Path | None = None,
@@ -62,12 +76,23 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     config: Any = None,
     seed: int = 0,
+    storage_dtype: Optional[torch.dtype] = None,
+    heads: Optional[Iterable[str]] = None,
 ) -> nn.Module:
     """Return an eval-mode backbone with frozen parameters; ``model.load_report`` says what was loaded.
 
     ``weights``: a Hugging Face id (default: the model's official one), a local .safetensors/.pt/.pth file or
     folder, or ``"random"`` (seeded random initialisation with plausible camera outputs, for tests and benchmarks). ``alignment``: ``"aligned"`` (the paper's released biases), ``"pretrained"`` or a
     path to a bias checkpoint. ``config``: model sizes (default: full size), e.g. ``VGGTConfig.tiny()``.
+    ``dtype``: the dtype of the parameters and of the computation. ``storage_dtype`` (e.g. ``torch.bfloat16``
+    with ``dtype=torch.float32``): keep the matrices of the transformer's linear layers (>95 % of the weights)
+    in this narrower dtype and widen them per call: half the weight memory with ``dtype`` arithmetic.
+
+    ``heads`` (VGGT): build only these heads, e.g. ``("camera", "depth")`` for posing; the others' weights are
+    skipped (models without ``drop_heads`` ignore it).
+
+    Weights files are streamed one tensor at a time straight into the target dtype and assigned to a model
+    built on the meta device: no second copy of the weights is ever held.
     """
     spec = get_spec(name)
     weights = str(weights) if weights is not None else spec.default_weights
@@ -76,16 +101,25 @@ def load_model(
         torch.manual_seed(seed)
         model = spec.build(config)
         spec.make_outputs_plausible(model)
+        _drop_heads(model, heads)
+        model.to(device=device, dtype=dtype)
     else:
         resolved = resolve_weights(weights)
         weights_file, weights_fp = str(resolved.path), fingerprint(resolved.path)
         with torch.device("meta"):
             model = spec.build(config)
+        dropped = _drop_heads(model, heads)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        state = check_state_dict(expected, read_state_dict(resolved.path), spec.ignored_checkpoint_prefixes, str(resolved.path))
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=True, assign=True)
+        narrow = _stored_narrow(model, dtype, storage_dtype)
+        with WeightsReader(resolved.path) as reader:
+            ignored = spec.ignored_checkpoint_prefixes + tuple(dropped)
+            keys = check_state_dict(expected, reader.shapes, ignored, str(resolved.path))
+            state = {k: reader.read(k, storage_dtype if k in narrow else dtype).to(device) for k in keys}
+        model.load_state_dict(state, strict=True, assign=True)
+        del state
         logger.info("loaded %s weights %s (licence: %s)", name, weights, spec.licence)
-    model.to(device=device, dtype=dtype)
+    if storage_dtype is not None and storage_dtype != dtype:
+        store_weights_in(model, storage_dtype)
 
     report = None
     alignment_path = resolve_alignment(spec, alignment)
@@ -101,6 +135,7 @@ def load_model(
         licence=spec.licence,
         alignment=report,
         device=str(device),
-        dtype=str(dtype).replace("torch.", ""),
+        dtype=str(dtype).replace("torch.", "")
+        + (f" ({str(storage_dtype).replace('torch.', '')} linear weights)" if storage_dtype not in (None, dtype) else ""),
     )
     return model

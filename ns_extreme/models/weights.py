@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -85,16 +86,139 @@ def fingerprint(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()[:16]
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors or torch file. Torch files are read with weights_only=True (no code runs)."""
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_SAFETENSORS_HEADER = 100 << 20
 
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a safetensors file (absolute byte offsets)."""
+
+    dtype: torch.dtype
+    shape: torch.Size
+    start: int
+    end: int
+
+
+def _not_safetensors(path: Path, why: str) -> ModelLoadError:
+    return ModelLoadError(f"{path}: not a readable safetensors file ({why})")
+
+
+def safetensors_index(path: Path) -> dict[str, TensorEntry]:
+    """Names, dtypes, shapes and offsets from a safetensors header (no tensor data is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise _not_safetensors(path, "file too short")
+            n = int.from_bytes(prefix, "little")
+            if n <= 1 or n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+                raise _not_safetensors(path, f"bad header length {n}")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as err:
+        raise _not_safetensors(path, str(err)) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _not_safetensors(path, f"header is not JSON: {err}") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(path, "header is not a JSON object")
+    base = 8 + n
+    index: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ModelLoadError(f"{path}: not a readable safetensors file ({err})") from None
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = torch.Size(int(d) for d in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise _not_safetensors(path, f"bad header entry for {name!r}: {err!r}") from None
+        nbytes = shape.numel() * dtype.itemsize
+        if begin < 0 or end - begin != nbytes or base + end > size:
+            raise _not_safetensors(path, f"tensor {name!r} does not fit the file (offsets {begin}..{end}, {nbytes} bytes expected)")
+        index[name] = TensorEntry(dtype, shape, base + begin, base + end)
+    return index
+
+
+class WeightsReader:
+    """Reads a weights file one tensor at a time, converting each to the dtype asked for.
+
+    safetensors files are read with plain file reads into the final tensor (no memory map whose pages
+    would count as resident memory, no full state dict in memory): loading a model this way peaks at the
+    size of the loaded model plus one source tensor. Torch files are memory-mapped (``torch.load(mmap=True)``).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = None
+        self._buffer: Optional[torch.Tensor] = None
+        if self.path.suffix == ".safetensors":
+            self._index = safetensors_index(self.path)
+            self._tensors: dict[str, torch.Tensor] = {}
+            self.shapes = {k: e.shape for k, e in self._index.items()}
+        else:
+            self._index = {}
+            self._tensors = _load_torch_file(self.path)
+            self.shapes = {k: v.shape for k, v in self._tensors.items()}
+
+    def __enter__(self) -> "WeightsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._buffer = None
+        self._tensors = {}
+
+    def _read_into(self, entry: TensorEntry, out: torch.Tensor) -> None:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        self._file.seek(entry.start)
+        done = 0
+        while done < len(view):
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise _not_safetensors(self.path, "file ended inside a tensor")
+            done += n
+
+    def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Tensor ``name`` as ``dtype`` (default: as stored), a new CPU tensor owned by the caller."""
+        if name in self._tensors:
+            t = self._tensors[name]
+            return t if dtype is None or not t.is_floating_point() else t.to(dtype)
+        entry = self._index[name]
+        if dtype is None or dtype == entry.dtype or not entry.dtype.is_floating_point:
+            out = torch.empty(entry.shape, dtype=entry.dtype)
+            if out.numel():
+                self._read_into(entry, out)
+            return out
+        # Convert through one reusable buffer in the file's dtype.
+        nbytes = entry.end - entry.start
+        if self._buffer is None or self._buffer.numel() < nbytes:
+            self._buffer = torch.empty(nbytes, dtype=torch.uint8)
+        src = self._buffer[:nbytes].view(entry.dtype).view(entry.shape)
+        if src.numel():
+            self._read_into(entry, src)
+        return src.to(dtype)
+
+
+def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
@@ -109,6 +233,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def read_state_dict(path: Path, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors or torch file (floating-point ones converted to ``dtype`` if given).
+    Torch files are read with weights_only=True (no code runs). ``load_model`` streams instead."""
+    with WeightsReader(Path(path)) as reader:
+        return {name: reader.read(name, dtype) for name in reader.shapes}
+
+
 def _listing(names: Iterable[str], limit: int = 8) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])
@@ -116,13 +247,18 @@ def _listing(names: Iterable[str], limit: int = 8) -> str:
 
 
 def check_state_dict(
-    expected: dict[str, torch.Size], given: dict[str, torch.Tensor], ignored_prefixes: tuple[str, ...], source: str
-) -> dict[str, torch.Tensor]:
-    """Strict key/shape check. Returns the tensors to load; raises ModelLoadError naming offending keys."""
+    expected: Mapping[str, torch.Size],
+    given: Mapping[str, Union[torch.Tensor, torch.Size]],
+    ignored_prefixes: tuple[str, ...],
+    source: str,
+) -> dict[str, Union[torch.Tensor, torch.Size]]:
+    """Strict key/shape check of tensors or of their shapes. Returns the entries to load; raises
+    ModelLoadError naming offending keys."""
     used = {k: v for k, v in given.items() if not k.startswith(ignored_prefixes)}
+    shape = {k: torch.Size(v.shape if isinstance(v, torch.Tensor) else v) for k, v in used.items()}
     missing = set(expected) - set(used)
     unexpected = set(used) - set(expected)
-    mis_shaped = [f"{k} {tuple(used[k].shape)} != {tuple(expected[k])}" for k in set(used) & set(expected) if used[k].shape != expected[k]]
+    mis_shaped = [f"{k} {tuple(shape[k])} != {tuple(expected[k])}" for k in set(used) & set(expected) if shape[k] != expected[k]]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys: {_listing(missing)}")

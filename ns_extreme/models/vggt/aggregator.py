@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Union
 
 import torch
 from torch import nn
 
 from ns_extreme.models.dinov2 import DinoV2
-from ns_extreme.models.layers import Block, RotaryPositionEmbedding2D, patch_positions
+from ns_extreme.models.layers import Block, RopeTables, RotaryPositionEmbedding2D, patch_positions
 from ns_extreme.models.vggt.config import VGGTConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,7 +39,7 @@ class Aggregator(nn.Module):
         self.patch_start_idx = 1 + cfg.num_register_tokens
         self.gradient_checkpointing = False
 
-    def _run(self, block: Block, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def _run(self, block: Block, x: torch.Tensor, pos: Union[torch.Tensor, RopeTables]) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, x, pos, use_reentrant=False)
         return block(x, pos=pos)
@@ -67,7 +67,9 @@ class Aggregator(nn.Module):
         )
         P, C = tokens.shape[1], tokens.shape[2]
         pos = patch_positions(B * S, H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
-        pos_global = pos.reshape(B, S * P, 2)
+        # cos/sin rows gathered once and shared by all 48 blocks (and by q and k).
+        pos_global = self.rope.tables(pos.reshape(B, S * P, 2))
+        pos = self.rope.tables(pos)
         kept: dict[int, torch.Tensor] = {}
         for i, (frame_block, global_block) in enumerate(zip(self.frame_blocks, self.global_blocks)):
             tokens = self._run(frame_block, tokens.reshape(B * S, P, C), pos)

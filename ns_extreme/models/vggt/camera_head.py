@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ns_extreme.models.layers import Block, Mlp
+from ns_extreme.models.layers import Block, Linear, Mlp
 
 POSE_ENCODING_DIM = 9  # [tx, ty, tz, qx, qy, qz, qw, fov_h, fov_w]
 
@@ -23,8 +23,8 @@ class CameraHead(nn.Module):
         self.token_norm = nn.LayerNorm(dim)
         self.trunk_norm = nn.LayerNorm(dim)
         self.empty_pose_tokens = nn.Parameter(torch.zeros(1, 1, POSE_ENCODING_DIM))
-        self.embed_pose = nn.Linear(POSE_ENCODING_DIM, dim)
-        self.poseLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 3 * dim))
+        self.embed_pose = Linear(POSE_ENCODING_DIM, dim)
+        self.poseLN_modulation = nn.Sequential(nn.SiLU(), Linear(dim, 3 * dim))
         self.adaln_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.pose_branch = Mlp(dim, dim // 2, POSE_ENCODING_DIM)
 

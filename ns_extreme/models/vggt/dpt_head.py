@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +26,30 @@ def sincos_embed(values: torch.Tensor, dim: int, omega_0: float = 100.0) -> torc
     return torch.cat((angles.sin(), angles.cos()), dim=1).float()
 
 
-def add_uv_embedding(x: torch.Tensor, image_w: int, image_h: int, ratio: float = 0.1) -> torch.Tensor:
-    channels, h, w = x.shape[1], x.shape[2], x.shape[3]
-    grid = uv_grid(w, h, image_w / image_h, x.dtype, x.device).reshape(-1, 2)
+def uv_embedding(
+    channels: int, h: int, w: int, image_w: int, image_h: int, dtype: torch.dtype, device: torch.device, ratio: float = 0.1
+) -> torch.Tensor:
+    """[1, channels, h, w] sin-cos embedding of the UV grid, scaled by ``ratio``."""
+    grid = uv_grid(w, h, image_w / image_h, dtype, device).reshape(-1, 2)
     emb = torch.cat((sincos_embed(grid[:, 0], channels // 2), sincos_embed(grid[:, 1], channels // 2)), dim=-1)
-    emb = (emb.view(h, w, channels) * ratio).permute(2, 0, 1).to(x.dtype)
-    return x + emb[None]
+    return (emb.view(h, w, channels) * ratio).permute(2, 0, 1).to(dtype)[None]
+
+
+def add_uv_embedding(
+    x: torch.Tensor, image_w: int, image_h: int, ratio: float = 0.1, cache: Optional[dict] = None
+) -> torch.Tensor:
+    """x + its UV embedding. ``cache`` (a dict kept for one forward) reuses embeddings across frame chunks;
+    without autograd the sum is taken in place (x must then be a fresh tensor)."""
+    channels, h, w = x.shape[1], x.shape[2], x.shape[3]
+    key = (channels, h, w, image_w, image_h, ratio, x.dtype, x.device)
+    emb = cache.get(key) if cache is not None else None
+    if emb is None:
+        emb = uv_embedding(channels, h, w, image_w, image_h, x.dtype, x.device, ratio)
+        if cache is not None:
+            cache[key] = emb
+    if not torch.is_grad_enabled():
+        return x.add_(emb)
+    return x + emb
 
 
 class ResidualConvUnit(nn.Module):
@@ -122,7 +140,9 @@ class DPTHead(nn.Module):
         )
         self.scratch = Scratch(out_channels, features, output_dim)
 
-    def _frames(self, layers: dict[int, torch.Tensor], patch_start: int, image_hw: tuple[int, int]) -> torch.Tensor:
+    def _frames(
+        self, layers: dict[int, torch.Tensor], patch_start: int, image_hw: tuple[int, int], cache: Optional[dict] = None
+    ) -> torch.Tensor:
         H, W = image_hw
         h, w = H // self.patch_size, W // self.patch_size
         feats = []
@@ -130,19 +150,20 @@ class DPTHead(nn.Module):
             x = layers[tap][:, :, patch_start:]
             x = self.norm(x.reshape(-1, x.shape[-2], x.shape[-1]))
             x = x.permute(0, 2, 1).reshape(x.shape[0], x.shape[-1], h, w)
-            x = add_uv_embedding(self.projects[k](x), W, H)
+            x = add_uv_embedding(self.projects[k](x), W, H, cache=cache)
             feats.append(self.resize_layers[k](x))
         x = self.scratch.fuse(*feats)
         x = F.interpolate(x, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=True)
-        return self.scratch.output_conv2(add_uv_embedding(x, W, H))
+        return self.scratch.output_conv2(add_uv_embedding(x, W, H, cache=cache))
 
     def forward(
         self, layers: dict[int, torch.Tensor], patch_start: int, image_hw: tuple[int, int], frames_chunk: int = 8
     ) -> tuple[torch.Tensor, torch.Tensor]:
         B, S = layers[self.taps[0]].shape[:2]
         chunk = frames_chunk if frames_chunk and frames_chunk > 0 else S
+        cache: dict = {}  # UV embeddings, computed once for all chunks
         outs = [
-            self._frames({t: layers[t][:, s : s + chunk] for t in self.taps}, patch_start, image_hw)
+            self._frames({t: layers[t][:, s : s + chunk] for t in self.taps}, patch_start, image_hw, cache)
             for s in range(0, S, chunk)
         ]
         # Frames were flattened batch-major within each chunk: restore [B, chunk, ...] before joining.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -13,6 +13,7 @@ from ns_extreme.models.vggt.config import VGGTConfig
 from ns_extreme.models.vggt.dpt_head import DPTHead
 
 HEADS = ("camera", "depth", "points")
+HEAD_MODULES = {"camera": "camera_head", "depth": "depth_head", "points": "point_head"}
 IGNORED_CHECKPOINT_PREFIXES = ("track_head.",)
 """Official checkpoint keys this implementation does not use: the point-tracking head is not implemented."""
 
@@ -28,12 +29,31 @@ class VGGT(nn.Module):
         self.point_head = DPTHead(dim, output_dim=4, activation="inv_log", **dpt)
         self.depth_head = DPTHead(dim, output_dim=2, activation="exp", **dpt)
 
+    def drop_heads(self, keep: Iterable[str]) -> list[str]:
+        """Remove the heads not in ``keep`` (their weights are then neither loaded nor kept in memory: the posing
+        pipeline needs only camera + depth, which saves the 32.7 M-parameter point head). Returns the
+        state-dict prefixes removed."""
+        keep = set(keep)
+        unknown = keep - set(HEADS)
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+        dropped = []
+        for head, attr in HEAD_MODULES.items():
+            if head not in keep and getattr(self, attr) is not None:
+                setattr(self, attr, None)
+                dropped.append(attr + ".")
+        return dropped
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.aggregator.gradient_checkpointing = enabled
         self.aggregator.patch_embed.gradient_checkpointing = enabled
 
-    def forward(self, images: torch.Tensor, heads: Iterable[str] = HEADS) -> dict[str, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, heads: Iterable[str] = HEADS, dpt_frames_chunk: Optional[int] = None
+    ) -> dict[str, torch.Tensor]:
         """images [S, 3, H, W] or [B, S, 3, H, W] in [0, 1], H and W multiples of the patch size.
+
+        ``dpt_frames_chunk`` overrides ``cfg.dpt_frames_chunk`` (frames per DPT pass: smaller = less memory).
 
         Returns (for the requested heads) ``pose_enc [B,S,9]`` (world-to-camera, OpenCV, world = frame 0),
         ``pose_enc_list``, ``depth [B,S,H,W,1]``, ``depth_conf [B,S,H,W]``, ``world_points [B,S,H,W,3]``,
@@ -43,6 +63,9 @@ class VGGT(nn.Module):
         unknown = set(heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+        absent = [h for h in heads if getattr(self, HEAD_MODULES[h]) is None]
+        if absent:
+            raise ValueError(f"this model was built without the {', '.join(absent)} head(s) (drop_heads / load_model(heads=...))")
         if images.ndim == 4:
             images = images[None]
         if images.ndim != 5 or images.shape[2] != 3:
@@ -62,7 +85,7 @@ class VGGT(nn.Module):
         if "camera" in heads:
             encodings = self.camera_head(layers[last][:, :, 0], self.cfg.camera_iterations)
             out["pose_enc"], out["pose_enc_list"] = encodings[-1], encodings
-        chunk = self.cfg.dpt_frames_chunk
+        chunk = self.cfg.dpt_frames_chunk if dpt_frames_chunk is None else dpt_frames_chunk
         if "depth" in heads:
             out["depth"], out["depth_conf"] = self.depth_head(layers, start, (H, W), chunk)
         if "points" in heads:
