@@ -59,7 +59,49 @@ VGGT_SPEC = ModelSpec(
     make_outputs_plausible=_plausible_vggt,
 )
 
-MODELS: dict[str, ModelSpec] = {VGGT_SPEC.name: VGGT_SPEC}
+def _build_pi3(config: Any) -> nn.Module:
+    from ns_extreme.models.pi3 import Pi3
+
+    return Pi3(config)
+
+
+PI3_WIRING_FOCAL_PATCHES = 4.0
+"""Focal length, in patch widths, that ``_plausible_pi3`` builds into random point maps (56 px at patch 14)."""
+
+
+@torch.no_grad()
+def _plausible_pi3(model: nn.Module) -> None:
+    """Random weights: near-identity rotations, small translations, depth about 1 and, within each patch, the
+    pixel rays of a pinhole camera with a ``PI3_WIRING_FOCAL_PATCHES``-patch focal length (a linear head cannot
+    know a patch's position in the image, so only in-patch offsets are pinhole-like). Focal recovery then
+    yields a positive focal length. Wiring tests only: these outputs mean nothing."""
+    p = model.cfg.patch_size
+    focal = PI3_WIRING_FOCAL_PATCHES * p
+    offsets = (torch.arange(p, dtype=torch.float32) + 0.5 - p / 2) / focal
+    x_ray = offsets[None, :].expand(p, p)  # channel layout of the pixel-shuffle head: c * p² + row * p + col
+    y_ray = offsets[:, None].expand(p, p)
+    points = model.point_head.proj
+    points.weight.mul_(0.01)
+    points.bias.copy_(torch.stack((x_ray, y_ray, torch.zeros(p, p))).reshape(-1))
+    camera = model.camera_head
+    camera.fc_rot.weight.mul_(0.01)
+    camera.fc_rot.bias.copy_(torch.eye(3).reshape(-1))
+    camera.fc_t.weight.mul_(0.1)
+
+
+PI3_SPEC = ModelSpec(
+    name="pi3",
+    default_weights="yyfz233/Pi3",
+    licence="CC BY-NC 4.0 (weights); code BSD-3-Clause",
+    released_alignment="PI3_changed_bias.pth",
+    paper_bias_set=BiasSet.from_blocks("paper", [f"decoder.{i}" for i in (8, 24, 26, 27, 28, 29, 30, 31, 32)]),
+    ignored_checkpoint_prefixes=(),
+    build=_build_pi3,
+    reference_frame=False,
+    make_outputs_plausible=_plausible_pi3,
+)
+
+MODELS: dict[str, ModelSpec] = {VGGT_SPEC.name: VGGT_SPEC, PI3_SPEC.name: PI3_SPEC}
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -57,16 +57,35 @@ def check_finite(name: str, *arrays: np.ndarray) -> None:
 
 class VGGTBackbone:
     """Runs VGGT's camera and depth heads; points are unprojected from depth with the chosen cameras,
-    which keeps them consistent when the user overrides intrinsics."""
+    which keeps them consistent when the user overrides intrinsics.
+
+    ``dtype`` bf16/fp16 with a float32 model: autocast, and (``narrow_weights``) the model's linear-layer
+    matrices are stored in that dtype once, so that autocast does not re-cast 1.2 B weights on every pass and
+    the float32 copies are freed (half the weight memory). ``dpt_frames_chunk``: frames per DPT pass (memory
+    of the depth head grows with it; 2 keeps batched convolutions at a few hundred MB).
+    """
 
     patch_size = 14
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.float32, target_size: int = 518, name: str = "vggt") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype = torch.float32,
+        target_size: int = 518,
+        name: str = "vggt",
+        dpt_frames_chunk: int = 2,
+        narrow_weights: bool = True,
+    ) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.dtype = dtype
         self.target_size = target_size
         self.name = name
+        self.dpt_frames_chunk = dpt_frames_chunk
+        if narrow_weights and dtype in (torch.bfloat16, torch.float16):
+            from ns_extreme.models.layers import store_weights_in
+
+            store_weights_in(model, dtype)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> FramePredictions:
@@ -74,7 +93,9 @@ class VGGTBackbone:
         weights_dtype = next(self.model.parameters()).dtype
         autocast = _autocast(self.device, self.dtype) if self.dtype != weights_dtype else contextlib.nullcontext()
         with autocast:
-            out = self.model(images.to(self.device, weights_dtype)[None], heads=("camera", "depth"))
+            out = self.model(
+                images.to(self.device, weights_dtype)[None], heads=("camera", "depth"), dpt_frames_chunk=self.dpt_frames_chunk
+            )
         w2c, K = w2c_intrinsics_from_pose_encoding(out["pose_enc"][0].float(), (H, W))
         pred = FramePredictions(
             w2c_opencv=w2c.double().cpu().numpy(),
@@ -87,3 +108,89 @@ class VGGTBackbone:
         if not bool(((fov > 0) & (fov < torch.pi)).all()):
             raise NonFiniteOutputError(f"{self.name} predicted a field of view outside (0, 180) degrees; check the weights")
         return pred
+
+
+def _nearest_rotations(R: np.ndarray) -> np.ndarray:
+    """Project [..., 3, 3] onto SO(3) in float64 (π³'s fp32 SVD rotations are orthonormal to ~1e-7 only)."""
+    U, _, Vt = np.linalg.svd(R)
+    D = np.ones(R.shape[:-1])
+    D[..., -1] = np.sign(np.linalg.det(U @ Vt))
+    return (U * D[..., None, :]) @ Vt
+
+
+def _rigid_inverse(T: np.ndarray) -> np.ndarray:
+    """Inverse of rigid transforms [..., 4, 4] (rotation transposed, translation −Rᵀt)."""
+    out = np.zeros_like(T)
+    R = np.swapaxes(T[..., :3, :3], -1, -2)
+    out[..., :3, :3] = R
+    out[..., :3, 3] = -np.einsum("...ij,...j->...i", R, T[..., :3, 3])
+    out[..., 3, 3] = 1.0
+    return out
+
+
+class Pi3Backbone:
+    """Runs π³'s point, confidence and camera heads on the frames as one (unordered) set.
+
+    * Poses: π³ predicts camera-to-world (OpenCV) in an arbitrary world; ``w2c`` is its inverse, re-expressed
+      in the camera of frame 0 (``anchor_first_frame``, default) so that FramePredictions' convention
+      (frame 0 = identity) holds. This rigid change of world leaves relative poses, depth and scale untouched.
+    * Intrinsics: π³ predicts none; ``ns_extreme.posing.focal.recover_focal`` fits one focal length per view
+      (or one shared, ``shared_focal``) to the local point maps, principal point at the image centre,
+      confidence-weighted, ignoring constant white border padding (pad mode / mixed shapes).
+    * Depth: z of the local points. Confidence: sigmoid of π³'s logits (a probability in (0, 1); larger is
+      better; the pipeline only uses it through percentiles, medians and as relative weights).
+    * Input size: the pipeline's shared preprocessing (``preprocess_images``) at ``target_size``. Default 518
+      (crop: 4:3 → 518×392, 203k pixels, inside π³'s 255k-pixel training budget), which keeps the batch
+      identical for a ``compare_backbone`` run with VGGT; ``target_size=574`` reproduces π³'s own size for
+      4:3 photos (574×434). ``ns_extreme.models.pi3.preprocess.preprocess_images_pi3`` implements π³'s
+      exact resize rule for callers that want it.
+    """
+
+    patch_size = 14
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype = torch.float32,
+        target_size: int = 518,
+        name: str = "pi3",
+        shared_focal: bool = False,
+        anchor_first_frame: bool = True,
+    ) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.dtype = dtype
+        self.target_size = target_size
+        self.name = name
+        self.shared_focal = shared_focal
+        self.anchor_first_frame = anchor_first_frame
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> FramePredictions:
+        from ns_extreme.posing.focal import padding_mask, recover_focal
+
+        H, W = images.shape[-2:]
+        weights_dtype = next(self.model.parameters()).dtype
+        autocast = _autocast(self.device, self.dtype) if self.dtype != weights_dtype else contextlib.nullcontext()
+        with autocast:
+            out = self.model(images.to(self.device, weights_dtype)[None], heads=("points", "conf", "camera"))
+        local = out["local_points"][0].float().cpu()
+        confidence = torch.sigmoid(out["conf"][0, ..., 0].float()).cpu().numpy()
+        c2w = out["camera_poses"][0].double().cpu().numpy()
+        check_finite(self.name, c2w, local.numpy(), confidence)
+        c2w[:, :3, :3] = _nearest_rotations(c2w[:, :3, :3])
+        w2c = _rigid_inverse(c2w)
+        if self.anchor_first_frame:
+            w2c = w2c @ c2w[0]  # world := camera of frame 0
+        K = recover_focal(local, confidence, (H, W), mask=padding_mask(images), shared=self.shared_focal)
+        focal = K[:, 0, 0]
+        if not bool(np.all(np.isfinite(focal) & (focal > 0))):
+            raise NonFiniteOutputError(
+                f"{self.name}: no positive focal length fits the predicted point maps (focal lengths {focal}); check the weights"
+            )
+        return FramePredictions(
+            w2c_opencv=w2c[:, :3, :],
+            intrinsics=K,
+            depth=local[..., 2].numpy(),
+            confidence=confidence.astype(np.float32),
+        )
