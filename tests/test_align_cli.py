@@ -140,7 +140,13 @@ def test_preset_file_gives_defaults_and_cli_overrides(tmp_path: Path) -> None:
         cli._expand_presets(["train", "--preset", str(bad), "--pairs", "p.json"])
 
 
-def test_pairs_train_eval_end_to_end(tmp_path: Path, dev_small: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pairs_train_eval_end_to_end(
+    tmp_path: Path, dev_small: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ns_extreme.viewer.pairs_browser as pairs_browser
+
+    served = []
+    monkeypatch.setattr(pairs_browser, "serve_pairs_browser", lambda path, **kw: served.append((Path(path), kw)))
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -161,7 +167,8 @@ def test_pairs_train_eval_end_to_end(tmp_path: Path, dev_small: Path, capsys: py
                          "--lr", "1e-2", "--resume", *common]) == 0
         ev = tmp_path / "ev"
         assert cli.main(["eval", "--pairs", str(pairs), "--output-dir", str(ev), "--models", "pretrained",
-                         f"tuned={run / 'biases.pth'}", "--dtype", "fp32", "--batch-size", "2", *common]) == 0
+                         f"tuned={run / 'biases.pth'}", "--dtype", "fp32", "--batch-size", "2", "--view", *common]) == 0
+        assert [(p, kw["host"]) for p, kw in served] == [(ev / "report.json", "127.0.0.1")]
         out = capsys.readouterr().out
         assert "tuned MRE°" in out and "pretrained MRE°" in out
         report = json.loads((ev / "report.json").read_text())

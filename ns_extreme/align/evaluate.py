@@ -85,6 +85,12 @@ class EvalConfig:
     """Write errors_hist.png and errors_cdf.png."""
     preset: Optional[Path] = None
     """YAML/JSON/TOML file of option defaults (its `eval:` section); command-line options override it."""
+    view: bool = False
+    """After evaluating, browse the pairs (images, predicted vs ground-truth pose, error) in the browser."""
+    view_host: str = "127.0.0.1"
+    """Address the pair browser listens on (loopback by default)."""
+    view_port: int = 8080
+    """Port of the pair browser."""
 
     def validate(self) -> None:
         if not self.models:

@@ -349,7 +349,11 @@ def run(cfg: Any) -> int:
     if isinstance(cfg, EvalConfig):
         from ns_extreme.align.evaluate import evaluate
 
-        evaluate(cfg, console=console)
+        result = evaluate(cfg, console=console)
+        if cfg.view:
+            from ns_extreme.viewer.pairs_browser import serve_pairs_browser
+
+            serve_pairs_browser(result.report_path, host=cfg.view_host, port=cfg.view_port, say=console.print)
         return 0
     raise TypeError(f"unknown command config {type(cfg).__name__}")
 
