@@ -271,3 +271,17 @@ def test_command_runs_without_nerfstudio(tmp_path, images):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NERFSTUDIO ['nerfstudio']" in proc.stdout
     assert len(list((out / "depth").glob("*.npy"))) == 8
+
+
+def test_extreme_poses_with_pi3(images):
+    """--model pi3: reference-free model, focal lengths recovered from its point maps, same dataset format."""
+    out = images.parent / "dataset_pi3"
+    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), "--model", "pi3", *TINY)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    transforms = json.loads((out / "transforms.json").read_text())
+    n = len(list(images.glob("*.jpg")))
+    assert len(transforms["frames"]) == n
+    assert all(f["fl_x"] > 0 and f["fl_y"] > 0 and (f["w"], f["h"]) == (768, 512) for f in transforms["frames"])
+    prov = json.loads((out / "extreme_poses.json").read_text())
+    assert prov["backbone"] == "pi3" and prov["model"]["model"] == "pi3"
+    assert "yyfz233/Pi3" not in prov["model"]["weights"]  # random weights were asked for

@@ -198,10 +198,10 @@ def peak_memory_mb() -> float:
 class PoseModelOptions:
     """Which backbone to run and where (shared by ``extreme-poses`` and the ``extreme3d`` dataparser)."""
 
-    model: Literal["vggt"] = "vggt"
-    """Backbone (pi3 will be added)."""
+    model: Literal["vggt", "pi3"] = "vggt"
+    """Backbone: vggt (VGGT-1B, predicts intrinsics) or pi3 (reference-free; focal lengths recovered from its point maps)."""
     weights: Optional[str] = None
-    """Base weights: a Hugging Face id, a local .safetensors/.pt/.pth file or folder, or 'random' (default: the model's official weights, facebook/VGGT-1B for vggt)."""
+    """Base weights: a Hugging Face id, a local .safetensors/.pt/.pth file or folder, or 'random' (default: the model's official weights: facebook/VGGT-1B for vggt, yyfz233/Pi3 for pi3)."""
     alignment: str = "aligned"
     """aligned: the paper's bias checkpoint for this model; pretrained: unmodified weights; or a path to a bias checkpoint (from ns-extreme-align)."""
     model_size: Literal["full", "tiny"] = "full"
@@ -230,7 +230,7 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
     import torch
 
     from ns_extreme.models import get_spec, load_model
-    from ns_extreme.posing.backbone import VGGTBackbone
+    from ns_extreme.posing.backbone import BACKBONES
     from ns_extreme.runtime import resolve_device, resolve_dtype
 
     spec = get_spec(opts.model)
@@ -241,9 +241,7 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
     alignment: Optional[str] = opts.alignment
     tiny = opts.model_size == "tiny"
     if tiny:
-        from ns_extreme.models.vggt.config import VGGTConfig
-
-        model_config, target_size = VGGTConfig.tiny(), TINY_TARGET_SIZE
+        model_config, target_size = spec.tiny_config(), TINY_TARGET_SIZE
         if alignment == "aligned":
             say("note: --model-size tiny: the released alignment does not fit the tiny model; using pretrained biases")
             alignment = "pretrained"
@@ -255,13 +253,13 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
 
     model = build(alignment)
     report = model.load_report
-    backbone = VGGTBackbone(model, dtype=compute_dtype, target_size=target_size, name=opts.model)
+    backbone = BACKBONES[opts.model](model, dtype=compute_dtype, target_size=target_size, name=opts.model)
     compare = None
     if compare_pretrained:
         if alignment in (None, "pretrained"):
             raise ValueError("--compare-pretrained needs an alignment to compare with (not --alignment pretrained)")
         other = build("pretrained")
-        compare = VGGTBackbone(other, dtype=compute_dtype, target_size=target_size, name=f"{opts.model}-pretrained")
+        compare = BACKBONES[opts.model](other, dtype=compute_dtype, target_size=target_size, name=f"{opts.model}-pretrained")
     return backbone, compare, report
 
 

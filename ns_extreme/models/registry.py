@@ -24,6 +24,8 @@ class ModelSpec:
     """Builds the module from a config (None = the full-size default)."""
     reference_frame: bool
     """True when frame 0 defines the world (VGGT): alignment then adds the first-camera anchor loss."""
+    tiny_config: Callable[[], Any] = lambda: None
+    """A few-MB configuration with the real key names (tests, wiring checks)."""
     make_outputs_plausible: Callable[[nn.Module], None] = lambda model: None
     """Applied to randomly initialised models so their outputs are usable downstream (tests, benchmarks)."""
 
@@ -55,6 +57,7 @@ VGGT_SPEC = ModelSpec(
     ),
     ignored_checkpoint_prefixes=("track_head.",),
     build=_build_vggt,
+    tiny_config=lambda: __import__("ns_extreme.models.vggt", fromlist=["VGGTConfig"]).VGGTConfig.tiny(),
     reference_frame=True,
     make_outputs_plausible=_plausible_vggt,
 )
@@ -97,6 +100,7 @@ PI3_SPEC = ModelSpec(
     paper_bias_set=BiasSet.from_blocks("paper", [f"decoder.{i}" for i in (8, 24, 26, 27, 28, 29, 30, 31, 32)]),
     ignored_checkpoint_prefixes=(),
     build=_build_pi3,
+    tiny_config=lambda: __import__("ns_extreme.models.pi3", fromlist=["Pi3Config"]).Pi3Config.tiny(),
     reference_frame=False,
     make_outputs_plausible=_plausible_pi3,
 )

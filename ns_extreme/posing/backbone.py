@@ -194,3 +194,7 @@ class Pi3Backbone:
             depth=local[..., 2].numpy(),
             confidence=confidence.astype(np.float32),
         )
+
+
+BACKBONES = {"vggt": VGGTBackbone, "pi3": Pi3Backbone}
+"""Posing adapter per model name (``ns_extreme.models.MODELS``)."""
