@@ -53,11 +53,9 @@ def read_bias_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # UnpicklingError for code, RuntimeError/EOFError for damage
-        first = str(err).splitlines()[0][:200] if str(err) else ""
-        raise ModelLoadError(
-            f"{path}: not a loadable bias checkpoint ({type(err).__name__}: {first}). "
-            "Only plain tensors are accepted (torch.load weights_only=True)."
-        ) from None
+        from ns_extreme.models.weights import torch_load_failure
+
+        raise torch_load_failure(path, "bias checkpoint", err) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("bias_state_dict"), dict):
         raise ModelLoadError(f'{path}: expected {{"bias_state_dict": {{name: tensor}}}}, got keys {list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__}')
     tensors = obj["bias_state_dict"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
@@ -218,14 +220,22 @@ class WeightsReader:
         return src.to(dtype)
 
 
+def torch_load_failure(path: Path, what: str, err: Exception) -> ModelLoadError:
+    """One-line reason a ``torch.load(weights_only=True)`` failed, without torch's advice to disable the check."""
+    if isinstance(err, pickle.UnpicklingError):
+        reason = "it contains pickled Python objects, which could run code when loaded; only plain tensors are accepted"
+    else:
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'damaged file'}"
+    return ModelLoadError(f"{path}: refused as a {what} ({reason}; read with torch.load weights_only=True)")
+
+
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
+    # Zip-format files are memory-mapped; the legacy (pre-1.6) format cannot be, so it is read normally.
+    mmap = zipfile.is_zipfile(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
-        raise ModelLoadError(
-            f"{path}: cannot be read as a torch weights file with weights_only=True ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Files that need arbitrary pickled code are refused."
-        ) from None
+        raise torch_load_failure(path, "torch weights file", err) from None
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

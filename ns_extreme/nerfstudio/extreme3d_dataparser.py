@@ -265,8 +265,10 @@ class Extreme3DDataParser(DataParser, ViewerControl):
 
         json_path = self.dataset_json()
         data_dir = json_path.parent
-        with open(json_path, encoding="utf-8") as f:
-            raw = json.load(f)
+        try:
+            raw = json.loads(json_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{json_path}: not valid JSON ({err}); re-run ns-process-data extreme-poses") from None
         names, _w2c, K, sizes_wh, meta = read_transforms_json(json_path)
         c2w = np.stack([np.asarray(fr["transform_matrix"], dtype=np.float64) for fr in raw["frames"]])
         if c2w.shape[1] == 3:
