@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ast
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,12 @@ def bias_ckpts() -> Path:
 @pytest.fixture(scope="session")
 def state_dict_keys() -> Path:
     return STATE_DICT_KEYS
+
+
+def read_key_list(path: Path) -> dict[str, tuple[int, ...]]:
+    """``name (shape) dtype`` lines of ../shared/fixtures/state_dict_keys/*.txt -> {name: shape}."""
+    keys = {}
+    for line in path.read_text().splitlines():
+        name, rest = line.split(" ", 1)
+        keys[name] = tuple(ast.literal_eval(rest.rsplit(" ", 1)[0]))
+    return keys

@@ -3,7 +3,6 @@ permutation equivariance), loading, π³'s resize rule, and the Pi3Backbone thro
 
 from __future__ import annotations
 
-import ast
 import os
 
 import numpy as np
@@ -16,6 +15,8 @@ from ns_extreme.models.pi3 import Pi3, Pi3Config
 from ns_extreme.models.pi3.heads import PixelShuffleHead, orthogonalise
 from ns_extreme.models.pi3.preprocess import pi3_resize_hw, preprocess_images_pi3
 
+from conftest import read_key_list
+
 TINY = Pi3Config.tiny()
 OUTPUTS = ("points", "local_points", "conf", "camera_poses")
 
@@ -27,14 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def read_key_list(path) -> dict[str, tuple[int, ...]]:
-    keys = {}
-    for line in path.read_text().splitlines():
-        name, rest = line.split(" ", 1)
-        keys[name] = tuple(ast.literal_eval(rest.rsplit(" ", 1)[0]))
-    return keys
 
 
 # ---------------------------------------------------------------------------------------------- key layout

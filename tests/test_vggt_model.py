@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 
 import pytest
 import torch
 
 from ns_extreme.models.vggt import VGGT, VGGTConfig
 
-
-def read_key_list(path) -> dict[str, tuple[int, ...]]:
-    keys = {}
-    for line in path.read_text().splitlines():
-        name, rest = line.split(" ", 1)
-        keys[name] = tuple(ast.literal_eval(rest.rsplit(" ", 1)[0]))
-    return keys
+from conftest import read_key_list
 
 
 def test_state_dict_equals_official_vggt_1b_keys(state_dict_keys):
