@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from ns_extreme.models import ModelLoadError, WeightsNotFoundError, get_spec, load_model, read_bias_checkpoint
 from ns_extreme.models.bias import write_bias_checkpoint
+from ns_extreme.models.pi3 import Pi3Config
 from ns_extreme.models.vggt import VGGT, VGGTConfig
 
 TINY = VGGTConfig.tiny()
@@ -141,13 +142,11 @@ def test_corrupt_files_are_reported(tmp_path):
         read_bias_checkpoint(truncated)
 
 
-@pytest.fixture(scope="module")
-def wide_model() -> VGGT:
-    """Real block widths (1024) so the released bias checkpoint fits; everything else tiny. Not initialised:
+def filled_wide_model(name: str, cfg):
+    """Real block widths (1024) so a released bias checkpoint fits; everything else tiny. Not initialised:
     every parameter is filled with its own index so unchanged ones can be checked exactly."""
-    cfg = VGGTConfig(dino_depth=1, camera_trunk_depth=1, dpt_features=8, dpt_out_channels=(8, 8, 16, 16), img_size=56)
     with torch.device("meta"):
-        model = VGGT(cfg)
+        model = get_spec(name).build(cfg)
     model.to_empty(device="cpu")
     with torch.no_grad():
         for i, p in enumerate(model.parameters()):
@@ -155,19 +154,31 @@ def wide_model() -> VGGT:
     return model
 
 
-def test_released_vggt_checkpoint_changes_exactly_its_73728_biases(wide_model, bias_ckpts):
+WIDE_CONFIGS = {
+    "vggt": lambda: VGGTConfig(dino_depth=1, camera_trunk_depth=1, dpt_features=8, dpt_out_channels=(8, 8, 16, 16), img_size=56),
+    "pi3": lambda: Pi3Config(img_size=56, encoder_depth=1, head_embed_dim=32, head_num_heads=2, head_depth=1, camera_dim=16),
+}
+
+
+@pytest.mark.parametrize(
+    "name, released_file, tensors, parameters",
+    [("vggt", "VGGT_changed_bias.pth", 32, 73_728), ("pi3", "PI3_changed_bias.pth", 36, 82_944)],
+)
+def test_released_checkpoint_changes_exactly_its_biases(bias_ckpts, name, released_file, tensors, parameters):
     from ns_extreme.models.bias import apply_bias_tensors
 
-    released = read_bias_checkpoint(bias_ckpts / "VGGT_changed_bias.pth")
-    report = apply_bias_tensors(wide_model, released, "VGGT_changed_bias.pth")
-    assert (report.tensors, report.parameters) == (32, 73_728)
-    assert sorted(released) == sorted(get_spec("vggt").paper_bias_set.select(wide_model))
+    model = filled_wide_model(name, WIDE_CONFIGS[name]())
+    released = read_bias_checkpoint(bias_ckpts / released_file)
+    report = apply_bias_tensors(model, released, released_file)
+    assert (report.tensors, report.parameters) == (tensors, parameters)
+    assert sorted(released) == sorted(get_spec(name).paper_bias_set.select(model))
     with torch.no_grad():
-        for i, (name, p) in enumerate(wide_model.named_parameters()):
-            if name in released:
-                assert torch.equal(p, released[name]), name
+        for i, (param_name, p) in enumerate(model.named_parameters()):
+            if param_name in released:
+                assert torch.equal(p, released[param_name]), param_name
             else:
-                assert bool((p == float(i)).all()), f"{name} changed"
+                assert bool((p == float(i)).all()), f"{param_name} changed"
+    del model
 
 
 def test_packaged_alignment_is_the_released_file(bias_ckpts):
