@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ns_extreme.models import ModelLoadError, get_spec, load_model, read_bias_checkpoint
+from ns_extreme.models import ModelLoadError, get_spec, load_model
 from ns_extreme.models.pi3 import Pi3, Pi3Config
 from ns_extreme.models.pi3.heads import PixelShuffleHead, orthogonalise
 from ns_extreme.models.pi3.preprocess import pi3_resize_hw, preprocess_images_pi3
