@@ -88,6 +88,15 @@ class Memory:
 
     @staticmethod
     def rss_peak_mb() -> float:
+        """Linux: ``VmHWM`` (the high-water mark that ``reset`` clears; ``ru_maxrss`` also keeps the peak seen
+        when any thread exited, so it cannot be reset reliably); elsewhere ``ru_maxrss``."""
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024.0
+        except OSError:
+            pass
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
 

@@ -67,6 +67,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     backbone = VGGTBackbone(model, dtype=prec.compute, target_size=spec["target_size"])
     paths = sorted(scan_images(Path(spec["images"])).images)[: spec.get("limit") or None]
     options = PosingOptions(max_frames_per_pass=spec.get("max_frames_per_pass", 0), chunk_overlap=spec.get("chunk_overlap", 4))
+    resident = mem.now_mb()
     mem.reset()
     with Stopwatch(device) as pose:
         recon = pose_images(paths, backbone, options, progress=False)
@@ -98,6 +99,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "images_per_minute": len(paths) / (pose.wall / 60.0),
         "load_peak_mb": load_peak,
         "pose_peak_mb": pose_peak,
+        "resident_before_pose_mb": resident,
         "process_peak_mb": max(load_peak, pose_peak, total_peak),
         "points": int(len(recon.points_xyz)),
         "weights_mb": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
