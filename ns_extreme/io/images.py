@@ -19,11 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from struct import error as struct_error
-from typing import Literal, Sequence, Union
+from typing import TYPE_CHECKING, Literal, Sequence, Union
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
@@ -404,6 +406,7 @@ def preprocess_images(
         raise ValueError(f"target_size ({target_size}) must be a positive multiple of patch_size ({patch_size})")
     if len(sources) == 0:
         raise ValueError("preprocess_images needs at least one image")
+    import torch  # here, not at the top: scanning and reading images must not wait for torch to load
 
     tensors: list[torch.Tensor] = []
     partial: list[tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]] = []

@@ -1,18 +1,24 @@
-"""Images -> Reconstruction (cameras at original resolution, depth, confidence, coloured points, diagnostics)."""
+"""Images -> Reconstruction (cameras at original resolution, depth, confidence, coloured points, diagnostics).
 
-from ns_extreme.posing.backbone import BACKBONES, FramePredictions, NonFiniteOutputError, Pi3Backbone, PosingBackbone, VGGTBackbone
-from ns_extreme.posing.options import PosingOptions
-from ns_extreme.posing.pipeline import pose_images
-from ns_extreme.posing.reconstruction import Reconstruction
+Names are imported on first use, so that ``ns_extreme.posing.options`` (all a command line needs to check
+its arguments) loads without torch.
+"""
 
-__all__ = [
-    "BACKBONES",
-    "Pi3Backbone",
-    "FramePredictions",
-    "NonFiniteOutputError",
-    "PosingBackbone",
-    "PosingOptions",
-    "Reconstruction",
-    "VGGTBackbone",
-    "pose_images",
-]
+from __future__ import annotations
+
+from ns_extreme._lazy import lazy_exports
+
+_EXPORTS = {
+    "BACKBONES": "ns_extreme.posing.backbone",
+    "FramePredictions": "ns_extreme.posing.backbone",
+    "NonFiniteOutputError": "ns_extreme.posing.backbone",
+    "Pi3Backbone": "ns_extreme.posing.backbone",
+    "pose_images": "ns_extreme.posing.pipeline",
+    "PosingBackbone": "ns_extreme.posing.backbone",
+    "PosingOptions": "ns_extreme.posing.options",
+    "Reconstruction": "ns_extreme.posing.reconstruction",
+    "VGGTBackbone": "ns_extreme.posing.backbone",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
