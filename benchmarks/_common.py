@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ns_extreme.malloc import return_freed_memory_to_os
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = Path(os.environ.get("NS_EXTREME_BENCH_RESULTS", HERE / "results"))
@@ -63,12 +65,16 @@ def run_worker(
 
 
 def worker_main(fn: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
-    """If invoked as ``--worker JSON``: run ``fn(spec)``, print its result, return True."""
+    """If invoked as ``--worker JSON``: run ``fn(spec)``, print its result, return True.
+
+    Workers tune glibc's allocator like the console scripts do, except for the plain baseline (``spec["plain"]``)."""
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         spec = json.loads(sys.argv[2])
         if spec.get("threads"):
             torch.set_num_threads(int(spec["threads"]))
+        malloc_tuned = False if spec.get("plain") else return_freed_memory_to_os()
         result = fn(spec)
+        result.setdefault("malloc_tuned", malloc_tuned)
         print("RESULT " + json.dumps(result), flush=True)
         return True
     return False

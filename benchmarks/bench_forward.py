@@ -269,7 +269,7 @@ def run(
         for name in names:
             out = tmp / f"{name}_{S}.pt"
             spec = dict(
-                variant=name, frames=S, device=str(device), config=config, weights=str(weights), out=str(out),
+                variant=name, plain=VARIANTS[name]["plain"], frames=S, device=str(device), config=config, weights=str(weights), out=str(out),
                 repeats=repeats, warmup=1 if cuda else 0, points_for_diff=True, threads=threads,
             )
             print(f"forward: S={S} {name} ...", flush=True)

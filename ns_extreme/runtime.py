@@ -1,4 +1,4 @@
-"""Choosing a device and dtype from the user's ``auto|cpu|cuda|mps`` and ``auto|fp32|bf16|fp16`` options."""
+"""Choosing a device and precision from the user's ``--device auto|cpu|cuda|mps`` and ``--dtype`` options."""
 
 from __future__ import annotations
 

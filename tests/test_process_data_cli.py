@@ -241,6 +241,57 @@ def test_extreme_poses_does_not_import_nerfstudio_process_data():
     assert proc.stdout.strip().endswith("CLEAN"), proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("entry", ["ns_extreme.cli.process:run_cli", "ns_extreme.nerfstudio.process_data:entrypoint"])
+def test_path_mistakes_are_reported_before_torch_loads(tmp_path, entry):
+    """A mistyped --data must not wait seconds for torch (or nerfstudio) to import before it is reported."""
+    module, fn = entry.split(":")
+    call = "run_cli(ExtremePoses, args)" if fn == "run_cli" else "entrypoint(['extreme-poses', *args])"
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from {module} import {fn}
+        from ns_extreme.cli.process import ExtremePoses
+        args = ["--data", sys.argv[1], "--output-dir", sys.argv[2]]
+        try:
+            code = {call}
+        except SystemExit as e:
+            code = e.code
+        print("LOADED", sorted(m for m in ("torch", "nerfstudio", "pycolmap") if m in sys.modules), "CODE", code)
+        """
+    )
+    proc = run([sys.executable, "-c", script, str(tmp_path / "no such folder"), str(tmp_path / "out")])
+    assert "LOADED [] CODE 2" in proc.stdout, proc.stdout + proc.stderr
+    assert "image folder not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_low_memory_precision_builds_only_the_posing_heads():
+    """--dtype bf16-weights: linear weights stored in bfloat16 (no float32 copy), float32 arithmetic, no point head;
+    the cameras stay within bfloat16 rounding of the float32 ones."""
+    import numpy as np
+    import torch
+
+    from ns_extreme.cli.process import PoseModelOptions, load_backbones
+    from ns_extreme.models.layers import Linear
+
+    def backbone_for(dtype: str):
+        opts = PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype=dtype)
+        return load_backbones(opts, say=lambda s: None)
+
+    (full, _, _), (lean, _, report) = backbone_for("fp32"), backbone_for("bf16-weights")
+    assert full.model.point_head is None and lean.model.point_head is None  # posing never runs it
+    assert "bfloat16 linear weights" in report.dtype
+    linears = [m for m in lean.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert lean.dtype == torch.float32  # arithmetic stays float32: no autocast
+    params = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert params(lean.model) < 0.6 * params(full.model)
+    images = torch.rand(3, 3, 98, full.target_size, generator=torch.Generator().manual_seed(0))
+    a, b = full.predict(images), lean.predict(images)
+    np.testing.assert_allclose(b.w2c_opencv, a.w2c_opencv, atol=2e-2)
+    np.testing.assert_allclose(b.intrinsics, a.intrinsics, rtol=2e-2)
+    assert 0 < np.abs(b.depth - a.depth).max() < 0.02 * np.abs(a.depth).max()  # differs (really narrowed), slightly
+
+
 def test_tiny_wiring_model_gives_finite_sane_cameras():
     import numpy as np
     import torch

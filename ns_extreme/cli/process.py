@@ -38,17 +38,14 @@ TINY_TARGET_SIZE = 140
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is meant for the user (bugs keep their traceback)."""
-    from ns_extreme.io.images import ImageReadError
-    from ns_extreme.models import ModelLoadError
-    from ns_extreme.posing.backbone import NonFiniteOutputError
-
-    return (
+    types: list[type[BaseException]] = [
         ValueError,  # includes ModelLoadError, ImageReadError
         OSError,  # files and folders: not found, exists (OutputExistsError), permissions, disk full, ...
-        ModelLoadError,
-        ImageReadError,
-        NonFiniteOutputError,
-    )
+    ]
+    backbone = sys.modules.get("ns_extreme.posing.backbone")  # not imported (torch!) just to name its error
+    if backbone is not None:
+        types.append(backbone.NonFiniteOutputError)
+    return tuple(types)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -114,7 +111,7 @@ def _memory_hint(exc: BaseException) -> Optional[str]:
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return (
             "out of memory while posing; try --max-frames-per-pass 16 (overlapping chunks), "
-            "--dtype bf16/fp16 on a GPU, or fewer images"
+            "--dtype bf16-weights (about half the memory), --dtype bf16/fp16 on a GPU, or fewer images"
         )
     return None
 
@@ -136,7 +133,9 @@ def run_guarded(fn: Callable[[], Any], verbose: Callable[[], bool] = lambda: Fal
     SystemExit (tyro's own usage errors, ``--help``) passes through unchanged.
     """
     from ns_extreme.io.atomic import describe_os_error
+    from ns_extreme.malloc import return_freed_memory_to_os
 
+    return_freed_memory_to_os()  # a model forward allocates and frees GBs of multi-MB tensors
     try:
         with interrupt_on_signals():
             fn()
@@ -208,8 +207,10 @@ class PoseModelOptions:
     """Model size. 'tiny' is a few-MB wiring-test model for the test-suite only (use with --weights random); its poses mean nothing."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to run the model (auto: cuda, then mps, then cpu)."""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Compute precision (auto: bf16/fp16 on CUDA, bf16 on CPUs with fast bf16, else fp32)."""
+    dtype: Literal["auto", "fp32", "bf16-weights", "bf16", "fp16"] = "auto"
+    """Precision. fp32: exact. bf16-weights: linear-layer weights stored in bfloat16, float32 arithmetic (about half
+    the memory, for CPUs without fast bfloat16 or when memory is short). bf16 / fp16: narrow weights and
+    autocast. auto: bf16 (fp16 without bf16 support) on CUDA, bf16 on CPUs with AMX / AVX-512 BF16, else fp32."""
 
 
 _UNSUPPORTED = {
@@ -231,11 +232,12 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
 
     from ns_extreme.models import get_spec, load_model
     from ns_extreme.posing.backbone import BACKBONES
-    from ns_extreme.runtime import resolve_device, resolve_dtype
+    from ns_extreme.runtime import resolve_device, resolve_precision
 
     spec = get_spec(opts.model)
     device = resolve_device(opts.device)
-    compute_dtype = resolve_dtype(opts.dtype, device)
+    precision = resolve_precision(opts.dtype, device)
+    adapter = BACKBONES[opts.model]
     model_config = None
     target_size = 518
     alignment: Optional[str] = opts.alignment
@@ -248,18 +250,20 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
     weights = opts.weights or spec.default_weights
 
     def build(align: Optional[str]):
-        model = load_model(opts.model, weights, align, device, torch.float32, model_config)
-        return model
+        return load_model(
+            opts.model, weights, align, device, precision.params, model_config,
+            storage_dtype=precision.weights, heads=adapter.heads,
+        )
 
     model = build(alignment)
     report = model.load_report
-    backbone = BACKBONES[opts.model](model, dtype=compute_dtype, target_size=target_size, name=opts.model)
+    backbone = adapter(model, dtype=precision.compute, target_size=target_size, name=opts.model)
     compare = None
     if compare_pretrained:
         if alignment in (None, "pretrained"):
             raise ValueError("--compare-pretrained needs an alignment to compare with (not --alignment pretrained)")
         other = build("pretrained")
-        compare = BACKBONES[opts.model](other, dtype=compute_dtype, target_size=target_size, name=f"{opts.model}-pretrained")
+        compare = adapter(other, dtype=precision.compute, target_size=target_size, name=f"{opts.model}-pretrained")
     return backbone, compare, report
 
 
@@ -352,15 +356,15 @@ class ExtremePoses:
         from rich.markup import escape
         from rich.table import Table
 
+        logging.basicConfig(level=logging.INFO if self.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        console = self._console()
+        t0 = time.perf_counter()
+        images = self._check_paths()  # before the slow imports: a mistyped path is reported at once
+
         from ns_extreme.io.dataset import write_dataset
         from ns_extreme.posing.pipeline import pose_images
 
         rearm_interrupt_signals()  # pycolmap (imported by write_dataset) replaces the SIGTERM handler
-
-        logging.basicConfig(level=logging.INFO if self.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        console = self._console()
-        t0 = time.perf_counter()
-        images = self._check_paths()
         console.print(f"[bold]extreme-poses[/bold]: {len(images)} images in {escape(str(self.data))}")
         if self.posing.poses_from is not None and not Path(self.posing.poses_from).exists():
             raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import ClassVar, Optional, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ class PosingBackbone(Protocol):
     name: str
     target_size: int
     patch_size: int
+    heads: ClassVar[Optional[tuple[str, ...]]]
+    """The model heads ``predict`` runs (``load_model(heads=...)`` builds only these), None: all."""
 
     def predict(self, images: torch.Tensor) -> FramePredictions:
         """images [S, 3, H, W] in [0, 1] (preprocessed) -> predictions for the S frames as one sequence."""
@@ -66,6 +68,7 @@ class VGGTBackbone:
     """
 
     patch_size = 14
+    heads: ClassVar[Optional[tuple[str, ...]]] = ("camera", "depth")
 
     def __init__(
         self,
@@ -94,7 +97,7 @@ class VGGTBackbone:
         autocast = _autocast(self.device, self.dtype) if self.dtype != weights_dtype else contextlib.nullcontext()
         with autocast:
             out = self.model(
-                images.to(self.device, weights_dtype)[None], heads=("camera", "depth"), dpt_frames_chunk=self.dpt_frames_chunk
+                images.to(self.device, weights_dtype)[None], heads=self.heads, dpt_frames_chunk=self.dpt_frames_chunk
             )
         w2c, K = w2c_intrinsics_from_pose_encoding(out["pose_enc"][0].float(), (H, W))
         pred = FramePredictions(
@@ -147,6 +150,7 @@ class Pi3Backbone:
     """
 
     patch_size = 14
+    heads: ClassVar[Optional[tuple[str, ...]]] = None  # the points, confidence and camera heads are all π³ has
 
     def __init__(
         self,
