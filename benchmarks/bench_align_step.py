@@ -53,7 +53,7 @@ def _random_rotations(n: int, seed: int) -> torch.Tensor:
 
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
-    from ns_extreme.align.loss import pose_encoding_loss
+    from ns_extreme.align.loss import rotation_loss
     from ns_extreme.models import get_spec, load_model
 
     device = torch.device(spec["device"])
@@ -83,7 +83,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         with Stopwatch(device) as fwd:
             with autocast:
                 out = model(images, heads=("camera",))
-            loss = pose_encoding_loss(out["pose_enc_list"], R_gt, model_spec.reference_frame, "last")
+            loss = rotation_loss(model_spec.w2c_rotations(out), R_gt, model_spec.reference_frame, "last")
         forward_peak = mem.peak_mb()
         with Stopwatch(device) as bwd:
             optimizer.zero_grad(set_to_none=True)

@@ -158,6 +158,11 @@ def test_oracle_predictor_gives_zero_error(eval_pairs: Path, tmp_path: Path) -> 
     # R1 R2ᵀ vs R2 R1ᵀ differ by twice the relative angle (mod 360)
     expect = [min(2 * r.rel_angle_deg, 360 - 2 * r.rel_angle_deg) for r in pairs.records]
     np.testing.assert_allclose(swapped.errors["inv"], expect, atol=1e-4)
+    # the report keeps both relative rotations per pair: the swapped one is the transpose of the GT one
+    for rec, row in zip(pairs.records, swapped.report["pairs"]):
+        gt = np.asarray(row["gt_rel_rotation"])
+        np.testing.assert_allclose(gt, rec.gt_relative_rotation(), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(row["pred_rel_rotation"]["inv"]), gt.T, atol=1e-6)
 
 
 def test_bias_checkpoint_models_side_by_side(eval_pairs: Path, tmp_path: Path) -> None:

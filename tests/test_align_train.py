@@ -18,7 +18,8 @@ from scipy.spatial.transform import Rotation
 
 from ns_extreme.align import train as train_mod
 from ns_extreme.align.data import AugmentConfig, EpochBatchSampler, PairDataset, collate_pairs, load_pair_list
-from ns_extreme.align.loss import pair_rotation_loss, pose_encoding_loss, rotations_from_pose_encoding
+from ns_extreme.align.loss import pair_rotation_loss, rotation_loss
+from ns_extreme.models.registry import VGGT_SPEC, w2c_rotations_from_pose_encoding
 from ns_extreme.align.pairs import PairFileError, PairList, mine_pairs, views_from_colmap
 from ns_extreme.align.train import TrainConfig, find_checkpoints, lr_factor, read_train_checkpoint, train
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
@@ -139,7 +140,7 @@ def test_loss_is_batch_mean_and_gradients_finite_at_0_and_180() -> None:
         requires_grad=True,
     )  # errors 0°, 90°, 180°
     enc = torch.cat([torch.zeros(3, 2, 3), q, torch.ones(3, 2, 2)], dim=-1)
-    out = pose_encoding_loss([enc], R_gt, reference_frame=True)
+    out = rotation_loss(VGGT_SPEC.w2c_rotations({"pose_enc_list": [enc]}), R_gt, reference_frame=True)
     assert out.loss.item() == pytest.approx((0 + math.pi / 2 + math.pi) / 3, abs=3e-3)
     out.loss.backward()
     assert torch.isfinite(q.grad).all()
@@ -149,14 +150,14 @@ def test_rotations_from_pose_encoding_match_decoder_and_iteration_weights() -> N
     torch.manual_seed(0)
     enc = torch.randn(4, 2, 9)
     R_ref, _ = w2c_intrinsics_from_pose_encoding(enc, (42, 56))
-    assert torch.allclose(rotations_from_pose_encoding(enc), R_ref[..., :3, :3], atol=1e-5)
-    R_gt = rotations_from_pose_encoding(torch.randn(4, 2, 9))
+    assert torch.allclose(w2c_rotations_from_pose_encoding(enc), R_ref[..., :3, :3], atol=1e-5)
+    R_gt = w2c_rotations_from_pose_encoding(torch.randn(4, 2, 9))
     encs = [torch.randn(4, 2, 9) for _ in range(4)]
-    last = pose_encoding_loss(encs, R_gt, True, "last").loss
-    assert last.item() == pytest.approx(pair_rotation_loss(rotations_from_pose_encoding(encs[-1]), R_gt, True).loss.item())
-    per_iter = [pair_rotation_loss(rotations_from_pose_encoding(e), R_gt, True).loss.item() for e in encs]
+    last = rotation_loss(VGGT_SPEC.w2c_rotations({"pose_enc_list": encs}), R_gt, True, "last").loss
+    assert last.item() == pytest.approx(pair_rotation_loss(w2c_rotations_from_pose_encoding(encs[-1]), R_gt, True).loss.item())
+    per_iter = [pair_rotation_loss(w2c_rotations_from_pose_encoding(e), R_gt, True).loss.item() for e in encs]
     w = [0.6**3, 0.6**2, 0.6, 1.0]
-    assert pose_encoding_loss(encs, R_gt, True, "all").loss.item() == pytest.approx(
+    assert rotation_loss(VGGT_SPEC.w2c_rotations({"pose_enc_list": encs}), R_gt, True, "all").loss.item() == pytest.approx(
         sum(a * b for a, b in zip(w, per_iter)) / sum(w), rel=1e-5
     )
 
@@ -358,7 +359,7 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, pair_file: Path) -> Non
 
 def test_sigterm_writes_checkpoint_and_stops(tmp_path: Path, pair_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = {"n": 0}
-    real = train_mod.pose_encoding_loss
+    real = train_mod.rotation_loss
 
     def loss_then_signal(*a, **k):
         calls["n"] += 1
@@ -366,7 +367,7 @@ def test_sigterm_writes_checkpoint_and_stops(tmp_path: Path, pair_file: Path, mo
             os.kill(os.getpid(), signal.SIGTERM)  # arrives mid-step; the step finishes, then we stop
         return real(*a, **k)
 
-    monkeypatch.setattr(train_mod, "pose_encoding_loss", loss_then_signal)
+    monkeypatch.setattr(train_mod, "rotation_loss", loss_then_signal)
     old_handler = signal.getsignal(signal.SIGTERM)
     result = train(tiny_cfg(pair_file, tmp_path / "sig", batch_size=2, epochs=50, checkpoint_every=1000))
     assert signal.getsignal(signal.SIGTERM) == old_handler  # handlers restored

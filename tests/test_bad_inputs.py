@@ -138,14 +138,14 @@ def patch(name):
     if name.startswith("sigint_at_step:"):  # Ctrl-C arrives while training step N runs
         import signal
         import ns_extreme.align.train as tr
-        real_loss, at, calls = tr.pose_encoding_loss, int(name.split(":")[1]), [0]
+        real_loss, at, calls = tr.rotation_loss, int(name.split(":")[1]), [0]
         def loss(*a, **k):
             calls[0] += 1
             if calls[0] == at:
                 os.kill(os.getpid(), signal.SIGINT)
             return real_loss(*a, **k)
-        tr.pose_encoding_loss = loss
-        return lambda: setattr(tr, "pose_encoding_loss", real_loss)
+        tr.rotation_loss = loss
+        return lambda: setattr(tr, "rotation_loss", real_loss)
     import ns_extreme.io.dataset as ds
     real = ds.write_ply
     if name == "enospc":  # the disk fills up while the dataset is being written

@@ -2,11 +2,13 @@
 
 Each pair runs alone as a 2-image sequence (VGGT crop preprocessing at ``image_size``, the two images padded
 to a common shape with white), under ``no_grad`` and optional low-precision autocast. The predicted relative
-rotation ``R2 · R1ᵀ`` of the two world-to-camera rotations is compared with the GT ``R2gt · R1gtᵀ``; per
+rotation ``R2 · R1ᵀ`` of the two world-to-camera rotations (the backbone's final camera estimate, read by
+``ModelSpec.w2c_rotations``: VGGT's pose encoding, π³'s transposed camera-to-world rotations) is compared
+with the GT ``R2gt · R1gtᵀ``; per
 overlap class (large / small / none / all) we report MRE (median error, degrees), RA15 and RA30 (% of pairs
 with error ≤ 15° / ≤ 30°) for every compared model, side by side.
 
-Outputs in ``output_dir``: ``report.json`` (configuration, per-model load reports and summaries, per-pair
+Outputs in ``output_dir``: ``report.json`` (configuration, per-model load reports and summaries, per-pair GT and
 errors), ``errors_hist.png`` and ``errors_cdf.png``. All written atomically.
 
 Models are given as specs ``[label=]alignment``: ``pretrained``, ``aligned`` (the paper's released biases) or a
@@ -28,11 +30,11 @@ import numpy as np
 import torch
 
 from ns_extreme.align.data import PairDataset, collate_pairs, load_pair_list, resolve_images_root
-from ns_extreme.align.loss import rotations_from_pose_encoding
 from ns_extreme.align.metrics import format_table, rotation_errors_deg, summarize
 from ns_extreme.align.train import ModelSize, model_config_for
 from ns_extreme.io.atomic import atomic_write_json, check_output_location
 from ns_extreme.models import get_spec, load_model
+from ns_extreme.models.registry import CAMERA_HEADS, W2cRotationReader
 from ns_extreme.runtime import DeviceName, DtypeName, resolve_device, resolve_dtype
 
 __all__ = ["EvalConfig", "EvalResult", "ModelSpecArg", "parse_model_spec", "evaluate", "predict_rotations", "model_predictor"]
@@ -61,7 +63,7 @@ class EvalConfig:
     """Evaluate only the first N pairs."""
 
     model: str = "vggt"
-    """Backbone (vggt; pi3 later)."""
+    """Backbone: `vggt` or `pi3`."""
     weights: Optional[str] = None
     """Base weights: Hugging Face id, local file/folder, or `random` (default: the model's official weights)."""
     model_size: ModelSize = "full"
@@ -161,23 +163,26 @@ class EvalResult:
     plot_paths: list[Path]
 
 
-def model_predictor(model: torch.nn.Module, device: torch.device, autocast_dtype: Optional[torch.dtype]) -> Predictor:
-    """Predictor running the camera path of a model on each pair (no_grad, optional autocast)."""
+def model_predictor(
+    model: torch.nn.Module, device: torch.device, autocast_dtype: Optional[torch.dtype], w2c_rotations: W2cRotationReader
+) -> Predictor:
+    """Predictor running the camera path of a model on each pair (no_grad, optional autocast); ``w2c_rotations``
+    is the model's ``ModelSpec.w2c_rotations`` (its last camera estimate is evaluated)."""
 
     def predict(batch: Mapping[str, Any]) -> torch.Tensor:
         images = batch["images"].to(device)
         with torch.no_grad(), torch.autocast(
             device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
         ):
-            out = model(images, heads=("camera",))
-        pose_enc = out["pose_enc"].float()
-        if not torch.isfinite(pose_enc).all():
-            bad = [int(i) for i, ok in zip(batch["index"], torch.isfinite(pose_enc).flatten(1).all(1)) if not ok]
+            out = model(images, heads=CAMERA_HEADS)
+        R_w2c = w2c_rotations(out)[-1].float()
+        if not torch.isfinite(R_w2c).all():
+            bad = [int(i) for i, ok in zip(batch["index"], torch.isfinite(R_w2c).flatten(1).all(1)) if not ok]
             raise FloatingPointError(
                 f"the model produced NaN/Inf camera outputs for pair(s) {bad[:5]}: check --weights and the bias "
                 "checkpoint, or use --dtype fp32"
             )
-        return rotations_from_pose_encoding(pose_enc).cpu()
+        return R_w2c.cpu()
 
     return predict
 
@@ -222,6 +227,10 @@ def _json_float(x: float) -> Optional[float]:
     return float(x) if math.isfinite(x) else None
 
 
+def _json_matrix(M: np.ndarray) -> Optional[list[list[float]]]:
+    return M.tolist() if np.all(np.isfinite(M)) else None
+
+
 def _angle_deg(R: np.ndarray) -> np.ndarray:
     return np.degrees(np.arccos(np.clip((np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)))
 
@@ -244,6 +253,7 @@ def evaluate(
     autocast_dtype = None if dtype == torch.float32 else dtype
     errors: dict[str, np.ndarray] = {}
     pred_angles: dict[str, np.ndarray] = {}
+    pred_rels: dict[str, np.ndarray] = {}
     models_report: dict[str, Any] = {}
     gt_rel = None
 
@@ -263,7 +273,7 @@ def evaluate(
                 config=model_config_for(cfg.model, cfg.model_size),
                 seed=cfg.seed,
             )
-            predictor = model_predictor(model, device, autocast_dtype)
+            predictor = model_predictor(model, device, autocast_dtype, get_spec(cfg.model).w2c_rotations)
             load_report = model.load_report
             entry: dict[str, Any] = {
                 "alignment": job.alignment,
@@ -282,6 +292,7 @@ def evaluate(
         gt_rel = gt
         errors[label] = rotation_errors_deg(pred_rel, gt)
         pred_angles[label] = _angle_deg(pred_rel)
+        pred_rels[label] = pred_rel
         entry["seconds"] = time.perf_counter() - t0
         models_report[label] = entry
         del model, predictor
@@ -305,6 +316,8 @@ def evaluate(
                 "gt_angle_deg": float(gt_angles[i]),
                 "errors_deg": {label: _json_float(float(e[i])) for label, e in errors.items()},
                 "pred_angle_deg": {label: _json_float(float(a[i])) for label, a in pred_angles.items()},
+                "gt_rel_rotation": _json_matrix(gt_rel[i]),
+                "pred_rel_rotation": {label: _json_matrix(R[i]) for label, R in pred_rels.items()},
             }
         )
     report = {

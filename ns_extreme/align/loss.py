@@ -3,10 +3,12 @@
     L = geo(R2 R1ᵀ, R2gt R1gtᵀ) + [reference_frame] · geo(R1, I),   geo(A, B) = arccos((tr(A Bᵀ) − 1) / 2)
 
 in radians, averaged over the batch. ``R1, R2`` are the predicted **world-to-camera** rotations of the two
-views (VGGT: the quaternion of the pose encoding of the last camera-head iteration), ``R1gt, R2gt`` the
-COLMAP world-to-camera rotations. The anchor term ``geo(R1, I)`` is used for models whose first frame
-defines the world (``ModelSpec.reference_frame``: VGGT, WorldMirror), not for permutation-equivariant ones
-(π³). The arccos cosine is clamped to ±(1 − eps) so gradients stay finite at 0° and 180°.
+views, read out of the camera-path outputs by ``ModelSpec.w2c_rotations`` (VGGT: the quaternions of the pose
+encodings, one estimate per camera-head iteration; π³: the transposed rotations of the camera-to-world
+``camera_poses``, a single estimate), ``R1gt, R2gt`` the COLMAP world-to-camera rotations. The anchor term
+``geo(R1, I)`` is used for models whose first frame defines the world (``ModelSpec.reference_frame``: VGGT,
+WorldMirror), not for permutation-equivariant ones (π³), whose world is arbitrary. The arccos cosine is clamped
+to ±(1 − eps) so gradients stay finite at 0° and 180°.
 
 Not known from the paper (method.md §4.3): the clamp epsilon, whether iterations other than the last are
 supervised. ``iteration_weighting="all"`` is offered as an option (VGGT's own training weights the 4
@@ -19,11 +21,10 @@ from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ns_extreme.geometry.rotations import geodesic_angle_torch, quat_xyzw_to_matrix_torch
+from ns_extreme.geometry.rotations import geodesic_angle_torch
 
-__all__ = ["LossOutput", "rotations_from_pose_encoding", "pair_rotation_loss", "pose_encoding_loss"]
+__all__ = ["LossOutput", "pair_rotation_loss", "rotation_loss"]
 
 IterationWeighting = Literal["last", "all"]
 
@@ -36,16 +37,6 @@ class LossOutput:
     """Per-pair relative-rotation geodesic error [B] in radians (last iteration, detached)."""
     anchor_error: torch.Tensor
     """Per-pair geo(R1, I) [B] in radians (last iteration, detached; computed even when not in the loss)."""
-
-
-def rotations_from_pose_encoding(pose_enc: torch.Tensor) -> torch.Tensor:
-    """World-to-camera rotations [..., 3, 3] (float32) from VGGT pose encodings [..., 9] (quaternion xyzw at 3:7).
-
-    Same rotation as ``w2c_intrinsics_from_pose_encoding``, with the quaternion normalised under an epsilon
-    first so that a near-zero prediction cannot produce Inf.
-    """
-    q = F.normalize(pose_enc[..., 3:7].float(), dim=-1, eps=1e-8)
-    return quat_xyzw_to_matrix_torch(q)
 
 
 def pair_rotation_loss(
@@ -76,23 +67,24 @@ def iteration_weights(n: int, weighting: IterationWeighting, gamma: float = 0.6)
     raise ValueError(f"unknown iteration weighting {weighting!r}; choose 'last' or 'all'")
 
 
-def pose_encoding_loss(
-    pose_enc_list: Sequence[torch.Tensor],
+def rotation_loss(
+    R_w2c_list: Sequence[torch.Tensor],
     R_gt: torch.Tensor,
     reference_frame: bool,
     weighting: IterationWeighting = "last",
     eps: float = 1e-6,
 ) -> LossOutput:
-    """The loss from the camera head's per-iteration pose encodings ``[B, 2, 9]`` (last = final estimate)."""
-    if not pose_enc_list:
-        raise ValueError("no pose encodings")
-    weights = iteration_weights(len(pose_enc_list), weighting)
+    """The loss from the predicted w2c rotations ``[B, 2, 3, 3]`` of each camera estimate, first to last (the
+    output of ``ModelSpec.w2c_rotations``); the reported errors are those of the last estimate."""
+    if not R_w2c_list:
+        raise ValueError("no predicted rotations")
+    weights = iteration_weights(len(R_w2c_list), weighting)
     total = None
     last = None
-    for w, enc in zip(weights, pose_enc_list):
+    for w, R_w2c in zip(weights, R_w2c_list):
         if w == 0.0:
             continue
-        out = pair_rotation_loss(rotations_from_pose_encoding(enc), R_gt, reference_frame, eps)
+        out = pair_rotation_loss(R_w2c, R_gt, reference_frame, eps)
         total = out.loss * w if total is None else total + out.loss * w
         last = out
     assert total is not None and last is not None  # the last weight is never 0

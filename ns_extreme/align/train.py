@@ -2,7 +2,9 @@
 
 Everything but the chosen biases is frozen (``requires_grad=False``) and the optimizer holds only those
 biases, so nothing else can change or hold gradients / optimizer state. Only the camera path of the model
-runs (``heads=("camera",)``); heads stay frozen (method.md §1).
+runs (``heads=("camera",)``); heads stay frozen (method.md §1). Any registered backbone trains the same way:
+``ModelSpec.w2c_rotations`` reads its predicted world-to-camera rotations (VGGT: pose encodings, π³:
+camera-to-world poses) and ``ModelSpec.reference_frame`` says whether the first-camera anchor term applies.
 
 Outputs under ``output_dir`` (nerfstudio-like):
 
@@ -42,10 +44,11 @@ import torch
 from torch import nn
 
 from ns_extreme.align.data import AugmentConfig, EpochBatchSampler, PairDataset, collate_pairs, load_pair_list, resolve_images_root
-from ns_extreme.align.loss import IterationWeighting, pose_encoding_loss
+from ns_extreme.align.loss import IterationWeighting, rotation_loss
 from ns_extreme.io.atomic import atomic_write_json, check_output_location, torch_save_atomic
 from ns_extreme.models import get_spec, load_model
 from ns_extreme.models.bias import BiasSet, bias_state_dict, write_bias_checkpoint
+from ns_extreme.models.registry import CAMERA_HEADS
 from ns_extreme.runtime import DeviceName, resolve_device
 
 __all__ = [
@@ -87,7 +90,7 @@ class TrainConfig:
     """Use only the first N pairs of the list (smoke tests)."""
 
     model: str = "vggt"
-    """Backbone (vggt; pi3 later)."""
+    """Backbone: `vggt` or `pi3` (π³: no first-camera anchor term, it has no reference view)."""
     weights: Optional[str] = None
     """Base weights: Hugging Face id, local file/folder, or `random` (default: the model's official weights)."""
     model_size: ModelSize = "full"
@@ -95,8 +98,9 @@ class TrainConfig:
     init_alignment: str = "pretrained"
     """Biases to start from: `pretrained`, `aligned` (the paper's released checkpoint) or a bias checkpoint path."""
     bias_set: tuple[str, ...] = ("paper",)
-    """Trainable parameters: `paper` (the paper's 8-block set: 73,728 biases for VGGT) or regular expressions
-    full-matched against parameter names, e.g. `aggregator\\.global_blocks\\.23\\..*\\.bias`."""
+    """Trainable parameters: `paper` (the paper's set: 73,728 biases in 8 blocks for VGGT, 82,944 in 9 decoder blocks
+    for π³) or regular expressions full-matched against parameter names, e.g.
+    `aggregator\\.global_blocks\\.23\\..*\\.bias` (VGGT) or `decoder\\.35\\..*\\.bias` (π³)."""
 
     epochs: int = 2
     """Passes over the pair list (paper: 2 epochs on ~65k pairs)."""
@@ -119,14 +123,16 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the gradient norm of the trained biases to this (0 = no clipping)."""
     loss_iterations: IterationWeighting = "last"
-    """Supervise the last camera-head iteration (as evaluated) or `all` iterations weighted 0.6^(n-1-i)."""
+    """Supervise the last camera-head iteration (as evaluated) or `all` iterations weighted 0.6^(n-1-i) (VGGT
+    refines 4 times; π³ has a single camera estimate, for which both are the same)."""
 
     bf16: bool = False
     """bfloat16 autocast for the forward pass (the paper evaluates in bf16 on Ampere+ GPUs)."""
     gradient_checkpointing: bool = False
     """Recompute backbone activations in the backward pass: much less memory, ~30 % slower."""
     image_size: int = 518
-    """Image width after VGGT's crop preprocessing (multiple of 14; the paper evaluates at 518)."""
+    """Image width after the (VGGT-style) crop preprocessing, for every backbone (multiple of 14; the paper
+    evaluates at 518)."""
     color_jitter: float = 0.0
     """Photometric jitter strength (brightness/contrast/saturation in [1-s, 1+s]; 0 = off)."""
     swap_prob: float = 0.5
@@ -210,15 +216,14 @@ class TrainResult:
 
 
 def model_config_for(model: str, size: ModelSize) -> Any:
-    """Model sizes by name: None = the full-size default."""
+    """Model sizes by name: None = the full-size default; tiny = ``ModelSpec.tiny_config()``."""
     if size == "full":
         return None
     if size == "tiny":
-        if model == "vggt":
-            from ns_extreme.models.vggt import VGGTConfig
-
-            return VGGTConfig.tiny()
-        raise ValueError(f"no tiny configuration for model {model!r}")
+        config = get_spec(model).tiny_config()
+        if config is None:
+            raise ValueError(f"no tiny configuration for model {model!r}")
+        return config
     raise ValueError(f"unknown model size {size!r}; choose full or tiny")
 
 
@@ -482,7 +487,9 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
     _say(
         console,
         f"{model.load_report.summary()}\n"
-        f"training {n_params:,} parameters in {len(names)} tensors; {len(dataset)} pairs, {per_epoch} steps/epoch, "
+        f"training {n_params:,} parameters in {len(names)} tensors on the relative-rotation loss"
+        + (" + first-camera anchor" if spec.reference_frame else " (no anchor term)")
+        + f"; {len(dataset)} pairs, {per_epoch} steps/epoch, "
         f"{cfg.epochs} epochs = {total_steps} steps" + (f" (stopping at {stop_at})" if stop_at < total_steps else "")
         + (f"; resuming at step {step}" if ckpt is not None else ""),
     )
@@ -514,8 +521,8 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
                     images = batch["images"].to(device, non_blocking=True)
                     R_gt = batch["R_gt"].to(device, torch.float32)
                     with autocast:
-                        out = model(images, heads=("camera",))
-                    loss = pose_encoding_loss(out["pose_enc_list"], R_gt, spec.reference_frame, cfg.loss_iterations)
+                        out = model(images, heads=CAMERA_HEADS)
+                    loss = rotation_loss(spec.w2c_rotations(out), R_gt, spec.reference_frame, cfg.loss_iterations)
                     if not torch.isfinite(loss.loss):
                         raise FloatingPointError(
                             f"non-finite loss at step {step} (NaN/Inf in the model outputs): check --weights and "
@@ -527,6 +534,14 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
                     else:
                         grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable])))
+                    if not math.isfinite(grad_norm):
+                        # e.g. π³'s SVD camera head when its 3x3 output is already orthonormal to float precision:
+                        # stop before the optimizer writes NaN into the biases (and into the next checkpoint)
+                        raise FloatingPointError(
+                            f"non-finite gradient at step {step} (loss {float(loss.loss.detach()):.4g}): stopped before "
+                            "updating the biases, earlier checkpoints are intact; check --weights and --init-alignment, "
+                            "lower --lr, or disable --bf16"
+                        )
                     lr = optimizer.param_groups[0]["lr"]
                     optimizer.step()
                     scheduler.step()

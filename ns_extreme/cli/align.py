@@ -7,6 +7,10 @@ Examples::
     ns-extreme-align train --preset configs/align_vggt_paper.yaml --pairs pairs.json --output-dir runs/align
     ns-extreme-align train --preset configs/align_vggt_paper.yaml --pairs pairs.json --output-dir runs/align --resume
     ns-extreme-align eval --pairs test.json --models pretrained aligned mine=runs/align/biases.pth
+    ns-extreme-align train --model pi3 --pairs pairs.json --output-dir runs/align_pi3 --gradient-checkpointing
+    ns-extreme-align eval --model pi3 --pairs test.json --models pretrained aligned mine=runs/align_pi3/biases.pth
+
+Pair lists do not depend on the backbone: one list serves ``--model vggt`` and ``--model pi3``.
 
 User mistakes (missing or malformed files, bad checkpoints, bad options) print one red ``error: ...`` line on
 stderr and exit with code 2 (set ``NS_EXTREME_TRACEBACK=1`` to see the traceback). An interrupted training run
@@ -292,7 +296,7 @@ Command = Union[
 DESCRIPTION = (
     "Bias alignment of 3D foundation models for extreme-view relative pose (Ext-3DFMs, arXiv 2511.22686): "
     "`pairs` builds labelled pair lists, `train` tunes the paper's bias subset with the rotation-only geodesic loss, "
-    "`eval` reports MRE / RA15 / RA30 per overlap class."
+    "`eval` reports MRE / RA15 / RA30 per overlap class. Backbones: `--model vggt` (default) or `--model pi3`."
 )
 
 

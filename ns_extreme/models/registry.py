@@ -1,14 +1,24 @@
-"""What ns_extreme knows about each backbone: default weights, licence, released alignment, bias set."""
+"""What ns_extreme knows about each backbone: default weights, licence, released alignment, bias set, and how to
+read its predicted camera rotations (the one model-specific step of alignment training and evaluation)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ns_extreme.geometry.rotations import quat_xyzw_to_matrix_torch
 from ns_extreme.models.bias import BiasSet
+
+CAMERA_HEADS = ("camera",)
+"""The heads every backbone runs for rotation-only alignment and evaluation (``model(images, heads=CAMERA_HEADS)``)."""
+
+W2cRotationReader = Callable[[Mapping[str, torch.Tensor]], list[torch.Tensor]]
+"""Output of ``model(images, heads=CAMERA_HEADS)`` -> the world-to-camera rotations ``[B, S, 3, 3]`` (float32,
+differentiable) of each camera estimate, first to last (the last is the model's final answer)."""
 
 
 @dataclass(frozen=True)
@@ -24,10 +34,37 @@ class ModelSpec:
     """Builds the module from a config (None = the full-size default)."""
     reference_frame: bool
     """True when frame 0 defines the world (VGGT): alignment then adds the first-camera anchor loss."""
+    w2c_rotations: W2cRotationReader
+    """Reads the predicted world-to-camera rotations per camera estimate out of the camera-path outputs."""
     tiny_config: Callable[[], Any] = lambda: None
     """A few-MB configuration with the real key names (tests, wiring checks)."""
     make_outputs_plausible: Callable[[nn.Module], None] = lambda model: None
     """Applied to randomly initialised models so their outputs are usable downstream (tests, benchmarks)."""
+
+
+def w2c_rotations_from_pose_encoding(pose_enc: torch.Tensor) -> torch.Tensor:
+    """World-to-camera rotations [..., 3, 3] (float32) from VGGT pose encodings [..., 9] (quaternion xyzw at 3:7).
+
+    Same rotation as ``w2c_intrinsics_from_pose_encoding``, with the quaternion normalised under an epsilon
+    first so that a near-zero prediction cannot produce Inf.
+    """
+    q = F.normalize(pose_enc[..., 3:7].float(), dim=-1, eps=1e-8)
+    return quat_xyzw_to_matrix_torch(q)
+
+
+def w2c_rotations_from_c2w(c2w: torch.Tensor) -> torch.Tensor:
+    """World-to-camera rotations [..., 3, 3] (float32) of camera-to-world poses [..., 3 or 4, 4]: R_w2c = R_c2wᵀ."""
+    return c2w[..., :3, :3].float().transpose(-1, -2)
+
+
+def _vggt_w2c_rotations(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """One estimate per camera-head refinement iteration (``pose_enc_list``)."""
+    return [w2c_rotations_from_pose_encoding(enc) for enc in out["pose_enc_list"]]
+
+
+def _pi3_w2c_rotations(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """π³ has a single camera estimate: camera-to-world ``camera_poses`` [B, S, 4, 4]."""
+    return [w2c_rotations_from_c2w(out["camera_poses"])]
 
 
 def _build_vggt(config: Any) -> nn.Module:
@@ -59,8 +96,10 @@ VGGT_SPEC = ModelSpec(
     build=_build_vggt,
     tiny_config=lambda: __import__("ns_extreme.models.vggt", fromlist=["VGGTConfig"]).VGGTConfig.tiny(),
     reference_frame=True,
+    w2c_rotations=_vggt_w2c_rotations,
     make_outputs_plausible=_plausible_vggt,
 )
+
 
 def _build_pi3(config: Any) -> nn.Module:
     from ns_extreme.models.pi3 import Pi3
@@ -102,6 +141,7 @@ PI3_SPEC = ModelSpec(
     build=_build_pi3,
     tiny_config=lambda: __import__("ns_extreme.models.pi3", fromlist=["Pi3Config"]).Pi3Config.tiny(),
     reference_frame=False,
+    w2c_rotations=_pi3_w2c_rotations,
     make_outputs_plausible=_plausible_pi3,
 )
 
