@@ -218,6 +218,20 @@ def test_orthogonalise_returns_the_nearest_rotation():
     torch.testing.assert_close(torch.det(orthogonalise((-Q).reshape(8, 9))), torch.ones(8, dtype=Q.dtype))
 
 
+def test_orthogonalise_gradient_is_exact_and_finite_at_rotations():
+    """The rotation's gradient matches finite differences, including for inputs that already are rotations
+    (repeated singular values, where torch's generic SVD backward returns NaN)."""
+    g = torch.Generator().manual_seed(7)
+    m = torch.randn(6, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(orthogonalise, (m,), eps=1e-6, atol=1e-6)
+    Q, _ = torch.linalg.qr(torch.randn(6, 3, 3, generator=g, dtype=torch.float64))
+    Q = (Q * torch.det(Q)[:, None, None]).reshape(6, 9).requires_grad_(True)
+    assert torch.autograd.gradcheck(orthogonalise, (Q,), eps=1e-6, atol=1e-6)
+    w = torch.randn(6, 3, 3, generator=g, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((orthogonalise(Q.float()) * w.float()).sum(), Q)
+    assert torch.isfinite(grad).all() and grad.abs().max() > 1e-3
+
+
 def test_pixel_shuffle_head_layout():
     """Token (r, c), output value k*p² + i*p + j becomes pixel (r*p + i, c*p + j) of channel k."""
     p, rows, cols = 14, 2, 3

@@ -89,14 +89,37 @@ class ResidualMlp(nn.Module):
         return x + F.relu(self.res_conv3(y))
 
 
+class _SpecialProcrustes(torch.autograd.Function):
+    """R = U·diag(1, 1, det(UVᵀ))·Vᵀ of M = U S Vᵀ, with the gradient of the polar factor.
+
+    torch's generic SVD backward divides by s_i² − s_j², so it returns NaN/Inf when singular values repeat,
+    e.g. for a head output that is already (close to) a rotation. The rotation depends only on the sums
+    s_i + s_j: with S' = S·diag(1, 1, d), dR = U' [(X − Xᵀ) ∘ F] Vᵀ, X = U'ᵀ dM V, F_ij = 1 / (s'_i + s'_j)
+    (Levinson et al. 2020, "An Analysis of SVD for Deep Rotation Estimation"). The forward is unchanged.
+    """
+
+    @staticmethod
+    def forward(ctx, m: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        U, S, Vh = torch.linalg.svd(m)
+        d = torch.det(U @ Vh)
+        D = torch.cat((torch.ones_like(S[:, :2]), d[:, None]), dim=1)
+        U_special = U * D[:, None, :]
+        ctx.save_for_backward(U_special, S * D, Vh)
+        return U_special @ Vh
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        U, S, Vh = ctx.saved_tensors
+        Y = U.transpose(-1, -2) @ grad @ Vh.transpose(-1, -2)
+        sums = S[:, :, None] + S[:, None, :]
+        tiny = torch.finfo(sums.dtype).eps
+        F_ = 1.0 / torch.where(sums.abs() < tiny, torch.full_like(sums, tiny), sums)  # only near a reflection
+        return U @ ((Y - Y.transpose(-1, -2)) * F_) @ Vh
+
+
 def orthogonalise(m: torch.Tensor) -> torch.Tensor:
     """[N, 9] → nearest rotations [N, 3, 3] to the row-normalised 3×3 matrices (SVD, determinant +1)."""
-    m = F.normalize(m.reshape(-1, 3, 3), p=2, dim=-1)
-    U, _, Vh = torch.linalg.svd(m)
-    d = torch.det(U @ Vh)
-    D = torch.ones_like(m[:, 0])
-    D = torch.cat((D[:, :2], d[:, None]), dim=1)
-    return (U * D[:, None, :]) @ Vh
+    return _SpecialProcrustes.apply(F.normalize(m.reshape(-1, 3, 3), p=2, dim=-1))
 
 
 class CameraHead(nn.Module):
