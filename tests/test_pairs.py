@@ -364,3 +364,27 @@ def test_view_helpers_match_colmap(dev_small):
     np.testing.assert_allclose(v.viewing_direction(), R.T @ np.array([0.0, 0.0, 1.0]), atol=1e-12)
     assert v.fov_xy_deg()[0] == pytest.approx(math.degrees(2 * math.atan(384 / 689.87)))
     assert v.qvec_wxyz[0] >= 0
+
+
+def test_symlinked_folders_inside_the_root_are_followed(tmp_path, dev_small):
+    """The root check is on the path as written: a dataset folder linked into the root (the usual way to keep
+    big collections on another disk) is read, while '..' in the same list is refused."""
+    from ns_extreme.align.data import PairDataset
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "castle").symlink_to(dev_small / CASTLE / "images", target_is_directory=True)
+    records = mine_pairs(scene_views(dev_small, CASTLE), "castle", strategy="knn-center", k=1, balance=False)[:2]
+    linked = [dataclasses.replace(r, view1=dataclasses.replace(r.view1, path="castle/" + Path(r.view1.path).name),
+                                  view2=dataclasses.replace(r.view2, path="castle/" + Path(r.view2.path).name)) for r in records]  # fmt: skip
+    PairList(root=str(root), records=linked).save_json(tmp_path / "pairs.json")
+    pairs = PairList.load_json(tmp_path / "pairs.json")
+    item = PairDataset(pairs, root, image_size=56)[0]
+    assert item["images"].shape[:2] == (2, 3) and float(item["images"].std()) > 0.05  # real pixels were read
+    np.testing.assert_allclose(item["R_gt"].numpy(), np.stack([linked[0].view1.rotation(), linked[0].view2.rotation()]), atol=1e-12)
+
+    escaping = json.loads((tmp_path / "pairs.json").read_text())
+    escaping["pairs"][1]["view2"]["path"] = "castle/../../outside.jpg"
+    (tmp_path / "escaping.json").write_text(json.dumps(escaping))
+    with pytest.raises(PairFileError, match="escapes"):
+        PairList.load_json(tmp_path / "escaping.json")

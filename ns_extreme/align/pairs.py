@@ -9,7 +9,9 @@ A pair list is a JSON file::
 
 with one pair per line. A view is ``{"path", "width", "height", "fx", "fy", "cx", "cy",
 "qvec_wxyz": [qw, qx, qy, qz], "tvec": [tx, ty, tz] | null}``: a world-to-camera COLMAP pose (OpenCV axes)
-and pinhole intrinsics at the image's own resolution. ``path`` is relative to ``root`` and may not escape it.
+and pinhole intrinsics at the image's own resolution. ``path`` is relative to ``root`` and may not escape it
+(checked on the path as written: no absolute paths, no ``..`` above the root; symbolic links inside the root are
+the owner's and are followed, since a pair file can name paths but not create links).
 ``overlap`` is always our label (``ns_extreme.geometry.overlap``); ``overlap_reference`` keeps a label
 from an imported file when it had one. ``rel_translation`` keeps an imported file's pair translation.
 """

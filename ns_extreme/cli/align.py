@@ -369,6 +369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     debug = os.environ.get("NS_EXTREME_TRACEBACK", "") not in ("", "0")
     from ns_extreme.cli.process import interrupt_on_signals, interrupted_exit_code
     from ns_extreme.io.atomic import describe_os_error
+    from ns_extreme.malloc import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # training frees GBs of multi-MB activations per step (peak 9.4 -> 5.8 GB at full size)
 
     try:
         with interrupt_on_signals():  # SIGTERM / SIGHUP clean up like Ctrl-C (train stops after its step)
