@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Union
@@ -200,7 +199,11 @@ class WeightsReader:
             done += n
 
     def read(self, name: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """Tensor ``name`` as ``dtype`` (default: as stored), a new CPU tensor owned by the caller."""
+        """Tensor ``name`` as ``dtype`` (default: as stored), on the CPU.
+
+        From safetensors: a new tensor owned by the caller. From torch files in their stored dtype: the tensor
+        ``torch.load`` gave (for zip files a private, copy-on-write memory map of the file), not a copy, which
+        would double the peak memory of loading; callers must not modify it in place."""
         if name in self._tensors:
             t = self._tensors[name]
             return t if dtype is None or not t.is_floating_point() else t.to(dtype)
@@ -229,9 +232,23 @@ def torch_load_failure(path: Path, what: str, err: Exception) -> ModelLoadError:
     return ModelLoadError(f"{path}: refused as a {what} ({reason}; read with torch.load weights_only=True)")
 
 
+ZIP_LOCAL_HEADER = b"PK\x03\x04"
+
+
+def _is_zip_format(path: Path) -> bool:
+    """Whether a torch file is in the zip format (torch >= 1.6), decided as torch.load does: by its first bytes.
+    (``zipfile.is_zipfile`` looks for an end-of-archive record anywhere in the last 64 KiB, so a legacy file
+    whose last tensor happens to contain those bytes would pass it, and then fail ``torch.load(mmap=True)``.)"""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(ZIP_LOCAL_HEADER)) == ZIP_LOCAL_HEADER
+    except OSError:
+        return False
+
+
 def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     # Zip-format files are memory-mapped; the legacy (pre-1.6) format cannot be, so it is read normally.
-    mmap = zipfile.is_zipfile(path)
+    mmap = _is_zip_format(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError depending on the damage
