@@ -20,6 +20,7 @@ from ns_extreme.io.atomic import (
     torch_save_atomic,
 )
 from ns_extreme.io.colmap_model import read_colmap_model, write_colmap_model
+from ns_extreme.io.dataset import point_properties
 from ns_extreme.io.depth import read_depth_npy, read_depth_png_mm, write_depth_npy, write_depth_png_mm
 from ns_extreme.io.ply import read_ply, write_ply
 from ns_extreme.io.transforms_json import apply_world_transform, read_transforms_json, write_transforms_json
@@ -141,7 +142,9 @@ def test_transforms_json_through_nerfstudio_parser(dev_small: Path, tmp_path: Pa
     # A COLMAP model next to transforms.json makes nerfstudio assume a legacy applied_transform
     # unless ours is recorded: this checks that it is.
     write_colmap_model(data / "colmap" / "sparse" / "0", names, w2c, K, sizes, xyz, rgb)
-    write_ply(data / "sparse_pc.ply", apply_world_transform(APPLIED, xyz), rgb)
+    # As write_dataset writes it: with the per-point confidence, which nerfstudio's reader (open3d) skips.
+    conf = np.random.default_rng(3).random(len(xyz)).astype(np.float32)
+    write_ply(data / "sparse_pc.ply", apply_world_transform(APPLIED, xyz), rgb, extra=point_properties(conf, len(xyz)))
     write_transforms_json(
         data / "transforms.json", [f"images/{n}" for n in names], w2c, K, sizes,
         applied_transform=APPLIED, ply_file_path="sparse_pc.ply",
@@ -271,9 +274,42 @@ def test_ply_round_trip_exact_and_nerfstudio_header(tmp_path: Path) -> None:
     create_ply_from_colmap("ns.ply", model, tmp_path, applied_transform=None)
     ns_lines = (tmp_path / "ns.ply").read_bytes().split(b"\n")
     assert ns_lines[:10] == lines[:10]
+    # sparse_pc.ply as write_dataset writes it: nerfstudio's header plus one float property before end_header.
+    with_conf = write_ply(tmp_path / "with_conf.ply", xyz, rgb, extra=point_properties(conf, len(xyz)))
+    header = with_conf.read_bytes().split(b"\n")[:11]
+    assert [x.decode() for x in header] == [h.format(n=257) for h in NS_HEADER[:-1]] + ["property float confidence", "end_header"]
     xyz_ns, rgb_ns, _ = read_ply(tmp_path / "ns.ply")  # nerfstudio prints 6 decimals
     np.testing.assert_allclose(xyz_ns, xyz, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(rgb_ns, rgb)
+
+
+def test_ply_fast_reader_matches_plyfile(tmp_path: Path) -> None:
+    """read_ply parses the simple files we write with numpy; the result equals plyfile's, dtypes included."""
+    from plyfile import PlyData, PlyElement
+
+    from ns_extreme.io.ply import _fast_vertex_columns, _plyfile_vertex_columns
+
+    rng = np.random.default_rng(4)
+    xyz = rng.normal(size=(500, 3)) * 1e3
+    rgb = rng.integers(0, 256, (500, 3)).astype(np.uint8)
+    extra = {"confidence": rng.random(500).astype(np.float32), "view": rng.integers(-5, 2**31 - 1, 500).astype(np.int32)}
+    for binary in (False, True):
+        path = write_ply(tmp_path / f"p{binary}.ply", xyz, rgb, extra=extra, binary=binary)
+        fast, slow = _fast_vertex_columns(path), _plyfile_vertex_columns(path)
+        assert fast is not None and list(fast) == list(slow)
+        for name in slow:
+            assert fast[name].dtype == slow[name].dtype, name
+            np.testing.assert_array_equal(fast[name], slow[name])
+    # Anything else (here big-endian, with a face element) goes through plyfile.
+    table = np.array([tuple(p) + tuple(c) for p, c in zip(xyz[:4].astype("f4"), rgb[:4])],
+                     dtype=[("x", ">f4"), ("y", ">f4"), ("z", ">f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])  # fmt: skip
+    faces = np.array([([0, 1, 2],)], dtype=[("vertex_indices", "i4", (3,))])
+    PlyData([PlyElement.describe(table, "vertex"), PlyElement.describe(faces, "face")], byte_order=">").write(str(tmp_path / "be.ply"))
+    assert _fast_vertex_columns(tmp_path / "be.ply") is None
+    xyz_be, rgb_be, extra_be = read_ply(tmp_path / "be.ply")
+    np.testing.assert_array_equal(xyz_be, xyz[:4].astype("f4"))
+    np.testing.assert_array_equal(rgb_be, rgb[:4])
+    assert extra_be == {}
 
 
 def test_ply_read_by_open3d(tmp_path: Path) -> None:
@@ -281,11 +317,21 @@ def test_ply_read_by_open3d(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     xyz = rng.normal(size=(100, 3))
     rgb = rng.integers(0, 256, size=(100, 3), dtype=np.uint8)
-    for binary in (False, True):
-        pcd = o3d.io.read_point_cloud(str(write_ply(tmp_path / f"o3d_{binary}.ply", xyz, rgb, binary=binary)))
+    conf = rng.random(100).astype(np.float32)
+    for binary, extra in ((False, None), (True, None), (False, {"confidence": conf}), (True, {"confidence": conf})):
+        pcd = o3d.io.read_point_cloud(str(write_ply(tmp_path / f"o3d_{binary}.ply", xyz, rgb, extra=extra, binary=binary)))
+        assert len(pcd.points) == len(xyz) and not pcd.has_normals()
         # binary holds the float32 bits; ASCII holds 9 significant digits, parsed by open3d as double
         np.testing.assert_allclose(np.asarray(pcd.points), xyz.astype(np.float32), rtol=0 if binary else 1e-7, atol=0)
         np.testing.assert_array_equal(np.rint(np.asarray(pcd.colors) * 255).astype(np.uint8), rgb)
+
+
+def test_point_properties_are_float32_confidence_per_point() -> None:
+    props = point_properties(np.array([1.5, 2.0, 7.25]), 3)
+    assert list(props) == ["confidence"] and props["confidence"].dtype == np.float32
+    np.testing.assert_array_equal(props["confidence"], [1.5, 2.0, 7.25])
+    with pytest.raises(ValueError, match="shape"):
+        point_properties(np.ones(2), 3)
 
 
 def test_ply_rejects_bad_input(tmp_path: Path) -> None:

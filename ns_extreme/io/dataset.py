@@ -1,7 +1,7 @@
 """Write a Reconstruction as a nerfstudio dataset that COLMAP-reading trainers can use too.
 
 Layout (product spec 2.1): images/, transforms.json (original resolution, OpenGL camera-to-world),
-sparse_pc.ply, depth/ (optional), colmap/sparse/0/, extreme_poses.json. Everything is staged in a hidden
+sparse_pc.ply (x y z red green blue confidence), depth/ (optional), colmap/sparse/0/, extreme_poses.json. Everything is staged in a hidden
 sibling folder and published by one rename, so a failed or interrupted run leaves nothing half-written.
 
 World frames: colmap/ and extreme_poses.json use the reconstruction's world (the model's frame 0 with
@@ -54,6 +54,16 @@ def depth_at_original_resolution(depth_pre: np.ndarray, record: PreprocessRecord
     if cols_in.any() and rows_in.any():
         out[np.ix_(rows_in, cols_in)] = depth_pre[np.ix_(row[rows_in], col[cols_in])]
     return out
+
+
+def point_properties(points_conf: np.ndarray, num_points: int) -> dict[str, np.ndarray]:
+    """The per-point properties written after x y z red green blue in sparse_pc.ply: ``confidence`` (float32,
+    the model's depth confidence of the pixel each point came from; higher = more reliable, model-specific
+    scale). Readers that only know nerfstudio's six properties (open3d, plyfile) skip it."""
+    conf = np.asarray(points_conf, dtype=np.float32)
+    if conf.shape != (num_points,):
+        raise ValueError(f"points_conf must have shape [{num_points}] like points_xyz, got {conf.shape}")
+    return {"confidence": conf}
 
 
 def _needs_reencoding(path: Path) -> bool:
@@ -163,7 +173,12 @@ def write_dataset(
                 name = f"depth/{Path(rel).stem}.{depth_format}"
                 (write_depth_png_mm if depth_format == "png" else write_depth_npy)(out / name, depth)
                 depth_files.append(name)
-        write_ply(out / "sparse_pc.ply", apply_world_transform(applied, recon.points_xyz), recon.points_rgb)
+        write_ply(
+            out / "sparse_pc.ply",
+            apply_world_transform(applied, recon.points_xyz),
+            recon.points_rgb,
+            extra=point_properties(recon.points_conf, len(recon.points_xyz)),
+        )
         write_transforms_json(
             out / "transforms.json",
             image_files,

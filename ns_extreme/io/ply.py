@@ -1,9 +1,12 @@
 """Point-cloud PLY files as nerfstudio writes and reads them (`sparse_pc.ply`).
 
 The header is byte-identical to nerfstudio's `create_ply_from_colmap` (`property float x|y|z`,
-`property uint8 red|green|blue`), ASCII by default; nerfstudio loads it with open3d, which reads
-ASCII and binary alike. Floats are printed with enough digits to read back bit-exactly.
-Reading uses plyfile, so any vertex PLY (binary or ASCII, extra properties) can be loaded.
+`property uint8 red|green|blue`), ASCII by default, optionally followed by extra scalar properties
+(sparse_pc.ply adds `property float confidence`); nerfstudio loads it with open3d, which reads ASCII and
+binary alike and skips properties it does not know. Floats are printed with enough digits to read back
+bit-exactly.
+Reading parses the simple files ns_extreme and nerfstudio write with numpy and anything else (big-endian,
+list properties, several elements) with plyfile, so any vertex PLY can be loaded.
 """
 
 from __future__ import annotations
@@ -94,19 +97,80 @@ def write_ply(
     return atomic_write_bytes(path, out.getvalue())
 
 
-def read_ply(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
-    """Read a vertex PLY: (xyz float64 [N,3], rgb uint8 [N,3] or None if absent, other properties)."""
+_PLY_DTYPES = {  # PLY type name (both spellings) -> numpy dtype
+    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1", "char": "i1",
+    "int8": "i1", "ushort": "u2", "uint16": "u2", "short": "i2", "int16": "i2", "uint": "u4", "uint32": "u4",
+    "int": "i4", "int32": "i4",
+}  # fmt: skip
+
+
+def _read_header(path: str | os.PathLike[str]) -> tuple[list[str], int]:
+    """Header lines up to ``end_header`` and the byte offset of the body."""
+    header: list[str] = []
+    with open(path, "rb") as f:
+        while len(header) <= 200:
+            line = f.readline()
+            if not line:
+                break
+            header.append(line.decode("ascii", "replace").strip())
+            if header[-1] == "end_header":
+                break
+        return header, f.tell()
+
+
+def _fast_vertex_columns(path: str | os.PathLike[str]) -> dict[str, np.ndarray] | None:
+    """Vertex columns of an ASCII or little-endian PLY whose only element is a scalar ``vertex`` (what
+    ns_extreme and nerfstudio write), parsed with numpy; None for anything else. plyfile parses ASCII row by
+    row in Python: ~2 s for 60k points, which ns-train pays for every split it parses."""
+    header, body_start = _read_header(path)
+    elements = [h.split() for h in header if h.startswith("element ")]
+    props = [h.split() for h in header if h.startswith("property ")]
+    fmt = next((h.split()[1] for h in header if h.startswith("format ") and len(h.split()) > 1), "")
+    simple = (
+        header[:1] == ["ply"] and header[-1:] == ["end_header"] and len(elements) == 1 and len(elements[0]) == 3
+        and elements[0][1] == "vertex" and elements[0][2].isdigit() and all(len(p) == 3 and p[1] in _PLY_DTYPES for p in props)
+        and fmt in ("ascii", "binary_little_endian")
+    )  # fmt: skip
+    if not simple:
+        return None
+    n = int(elements[0][2])
+    dtype = np.dtype([(p[2], "<" + _PLY_DTYPES[p[1]]) for p in props])
+    with open(path, "rb") as f:
+        f.seek(body_start)
+        body = f.read() if fmt == "ascii" else f.read(n * dtype.itemsize)
+    if fmt == "ascii":
+        values = np.array(body.split(), dtype=np.float64)
+        if values.size != n * len(props):
+            raise ValueError(f"{path}: expected {n} vertices of {len(props)} values, found {values.size} values")
+        table = values.reshape(n, len(props))
+        # float64 holds every int32 and the 9-digit text of a float32 exactly, so the casts are lossless.
+        return {p[2]: table[:, k].astype(dtype[p[2]].newbyteorder("=")) for k, p in enumerate(props)}
+    if len(body) != n * dtype.itemsize:
+        raise ValueError(f"{path}: truncated PLY ({len(body)} of {n * dtype.itemsize} bytes)")
+    table = np.frombuffer(body, dtype=dtype)
+    return {p[2]: table[p[2]].astype(dtype[p[2]].newbyteorder("=")) for p in props}
+
+
+def _plyfile_vertex_columns(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     vertex = PlyData.read(str(path))["vertex"].data
-    names = vertex.dtype.names or ()
-    missing = [n for n in _XYZ if n not in names]
+    return {n: np.asarray(vertex[n]) for n in vertex.dtype.names or ()}
+
+
+def read_ply(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+    """Read a vertex PLY: (xyz float64 [N,3], rgb uint8 [N,3] or None if absent, other properties in their
+    stored dtype, e.g. ``confidence`` float32)."""
+    columns = _fast_vertex_columns(path)
+    if columns is None:
+        columns = _plyfile_vertex_columns(path)
+    missing = [n for n in _XYZ if n not in columns]
     if missing:
         raise ValueError(f"{path}: PLY vertex element lacks {missing}")
-    xyz = np.stack([vertex[n] for n in _XYZ], axis=1).astype(np.float64)
+    xyz = np.stack([columns[n] for n in _XYZ], axis=1).astype(np.float64)
     rgb = None
-    if all(n in names for n in _RGB):
-        rgb_raw = np.stack([vertex[n] for n in _RGB], axis=1)
+    if all(n in columns for n in _RGB):
+        rgb_raw = np.stack([columns[n] for n in _RGB], axis=1)
         if np.issubdtype(rgb_raw.dtype, np.floating):  # some writers store colours as 0-1 floats
             rgb_raw = np.clip(np.round(rgb_raw * 255.0), 0, 255)
         rgb = rgb_raw.astype(np.uint8)
-    extra = {n: np.asarray(vertex[n]) for n in names if n not in _XYZ + _RGB}
+    extra = {n: v for n, v in columns.items() if n not in _XYZ + _RGB}
     return xyz, rgb, extra

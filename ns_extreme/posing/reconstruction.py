@@ -40,8 +40,11 @@ class Reconstruction:
     confidence: np.ndarray
     """[N, h, w] float32 depth confidence at the preprocessed resolution."""
     points_xyz: np.ndarray
+    """[P, 3] point cloud in the model world (written to sparse_pc.ply and colmap/points3D.bin)."""
     points_rgb: np.ndarray
+    """[P, 3] uint8 point colours."""
     points_conf: np.ndarray
+    """[P] float32 depth confidence of the pixel each point came from (sparse_pc.ply ``confidence``)."""
     view_confidence: np.ndarray
     """[N] mean depth confidence over the real (unpadded) pixels of each view."""
     intrinsics_source: list[str]

@@ -40,6 +40,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from ns_extreme.io.ply import read_ply
+
 __all__ = [
     "ROOT",
     "FOLDER_LABEL",
@@ -168,7 +170,7 @@ def _opt_float(v: Any) -> Optional[float]:
 def load_scene(path: str | Path) -> SceneData:
     """Read a dataset folder (transforms.json + sparse_pc.ply + optional extreme_poses.json).
 
-    Deliberately light (numpy + PIL only, no torch): the standalone viewer's start-up time is mostly this.
+    Deliberately light (numpy, PIL and plyfile, no torch): the standalone viewer's start-up time is mostly this.
     """
     json_path = find_dataset_json(path)
     names, w2c, K, sizes_wh, meta = read_cameras(json_path)
@@ -183,7 +185,7 @@ def load_scene(path: str | Path) -> SceneData:
 
     ply = meta.get("ply_file_path")
     if ply and (root / ply).is_file():
-        xyz, rgb, extra = read_points(root / ply)
+        xyz, rgb, extra = read_ply(root / ply)
         if len(xyz):
             # transforms.json world -> model world: x = Rᵀ (x_saved - t)
             data.points_xyz = (np.asarray(xyz, dtype=np.float64) - applied[:, 3]) @ applied[:, :3]
@@ -256,71 +258,6 @@ def read_cameras(json_path: Path) -> tuple[list[str], np.ndarray, np.ndarray, np
     meta = {k: v for k, v in top.items() if k != "frames"}
     meta["applied_transform"] = applied
     return names, W, K, np.stack([w, h], axis=1).astype(np.int64), meta
-
-
-_PLY_DTYPES = {
-    "float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1", "char": "i1",
-    "int8": "i1", "ushort": "u2", "uint16": "u2", "short": "i2", "int16": "i2", "uint": "u4", "uint32": "u4",
-    "int": "i4", "int32": "i4",
-}  # fmt: skip
-
-
-def read_points(path: Path) -> tuple[np.ndarray, Optional[np.ndarray], dict[str, np.ndarray]]:
-    """A vertex PLY as (xyz [N,3], rgb uint8 [N,3] or None, other properties). Fast paths for ASCII and
-    little-endian files with only a scalar vertex element (what ns_extreme and nerfstudio write); anything
-    else goes through ``ns_extreme.io.ply.read_ply``."""
-    with open(path, "rb") as f:
-        header: list[str] = []
-        while True:
-            line = f.readline()
-            if not line:
-                break
-            header.append(line.decode("ascii", "replace").strip())
-            if header[-1] == "end_header" or len(header) > 200:
-                break
-        body_start = f.tell()
-    elements = [h for h in header if h.startswith("element ")]
-    props = [h.split() for h in header if h.startswith("property ")]
-    fmt = next((h.split()[1] for h in header if h.startswith("format ")), "")
-    simple = (
-        header[:1] == ["ply"] and header[-1:] == ["end_header"] and len(elements) == 1 and elements[0].split()[1] == "vertex"
-        and all(len(p) == 3 and p[1] in _PLY_DTYPES for p in props) and fmt in ("ascii", "binary_little_endian")
-    )  # fmt: skip
-    if not simple:
-        from ns_extreme.io.ply import read_ply
-
-        return read_ply(path)
-    n = int(elements[0].split()[2])
-    names = [p[2] for p in props]
-    if fmt == "ascii":
-        with open(path, "rb") as f:
-            f.seek(body_start)
-            values = np.array(f.read().split(), dtype=np.float64)
-        if values.size != n * len(names):
-            raise ValueError(f"{path}: expected {n} vertices of {len(names)} values, found {values.size} values")
-        table = values.reshape(n, len(names))
-        cols = {name: table[:, k] for k, name in enumerate(names)}
-    else:
-        dtype = np.dtype([(p[2], "<" + _PLY_DTYPES[p[1]]) for p in props])
-        with open(path, "rb") as f:
-            f.seek(body_start)
-            raw = f.read(n * dtype.itemsize)
-        if len(raw) != n * dtype.itemsize:
-            raise ValueError(f"{path}: truncated PLY ({len(raw)} of {n * dtype.itemsize} bytes)")
-        arr = np.frombuffer(raw, dtype=dtype)
-        cols = {name: arr[name] for name in names}
-    if not all(k in cols for k in ("x", "y", "z")):
-        raise ValueError(f"{path}: PLY vertex element lacks x/y/z")
-    xyz = np.stack([cols["x"], cols["y"], cols["z"]], axis=1).astype(np.float64)
-    rgb = None
-    if all(k in cols for k in ("red", "green", "blue")):
-        c = np.stack([cols["red"], cols["green"], cols["blue"]], axis=1)
-        types = {p[2]: _PLY_DTYPES[p[1]] for p in props}
-        if types["red"].startswith("f"):
-            c = c * 255.0
-        rgb = np.clip(np.round(c), 0, 255).astype(np.uint8)
-    extra = {k: np.asarray(v) for k, v in cols.items() if k not in ("x", "y", "z", "red", "green", "blue")}
-    return xyz, rgb, extra
 
 
 def _read_provenance(data: SceneData, prov_path: Path) -> None:
