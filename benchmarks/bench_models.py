@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -91,14 +91,14 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
     ])  # fmt: skip
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--frames", default="2,8")
     ap.add_argument("--precision", default="fp32", help="fp32, bf16-weights, bf16, fp16 or auto")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--tiny", action="store_true", help="tiny configurations at 126×98 (a smoke test of the script)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     results = []
     for S in (int(s) for s in args.frames.split(",")):
@@ -111,8 +111,10 @@ def main() -> None:
             print(f"   {res}", flush=True)
             results.append(res)
     env = environment(device)
-    j, m = write_results("models_tiny" if args.tiny else "models", device, {"environment": env, "results": results}, markdown(results, env))
+    data = {"environment": env, "results": results}
+    j, m = write_results("models_tiny" if args.tiny else "models", device, data, markdown(results, env))
     print(f"wrote {j} and {m}")
+    return data
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run every benchmark and summarise: forward (S = 2, 4, 8), posing, one bias-tuning step.
+"""Run every benchmark and summarise: forward (S = 2, 4, 8), posing, one bias-tuning step, VGGT vs π³.
 
     .venv/bin/python benchmarks/run.py [--device cpu|cuda] [--quick] [--frames 2,4,8] [--skip posing,align]
 
@@ -20,6 +20,7 @@ import torch  # noqa: E402
 
 import bench_align_step  # noqa: E402
 import bench_forward  # noqa: E402
+import bench_models  # noqa: E402
 import bench_posing  # noqa: E402
 from _common import RESULTS, default_cache_dir, environment  # noqa: E402
 
@@ -28,7 +29,7 @@ def _f(v, fmt="{:.2f}"):
     return "–" if v is None else fmt.format(v)
 
 
-def summary(device: torch.device, fwd, pose, align, env, minutes: float) -> str:
+def summary(device: torch.device, fwd, pose, align, env, minutes: float, models=None) -> str:
     lines = [
         f"# ns_extreme benchmark summary ({device.type})",
         "",
@@ -98,6 +99,15 @@ def summary(device: torch.device, fwd, pose, align, env, minutes: float) -> str:
                 f"{r['grads_are_exactly_the_bias_set']}), optimizer state {r['optimizer_state_values']:,} values."
             )
         lines.append("Details: align_step_%s.md\n" % device.type)
+    if models:
+        lines += ["## VGGT vs π³ (full size, fp32, the heads posing runs)", ""]
+        lines += ["| model | S | forward s | CPU s | forward peak MB |", "|---|---|---|---|---|"]
+        for r in models["results"]:
+            if "error" in r:
+                lines.append(f"| {r['model']} | {r['frames']} | error | | |")
+                continue
+            lines.append(f"| {r['model']} | {r['frames']} | {r['forward_s']:.1f} | {r['forward_cpu_s']:.0f} | {r['forward_peak_mb']:,.0f} |")
+        lines.append("\nDetails: models_%s.md\n" % device.type)
     return "\n".join(lines) + "\n"
 
 
@@ -106,7 +116,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--frames", default=None, help="forward frame counts (default 2,4,8; 2,4,8,16,32 on CUDA)")
-    ap.add_argument("--skip", default="", help="comma-separated: forward, posing, align")
+    ap.add_argument("--skip", default="", help="comma-separated: forward, posing, align, models")
     ap.add_argument("--align-no-checkpointing-too", action="store_true", help="also time the bias step without checkpointing")
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     ap.add_argument("--summary-only", action="store_true", help="only rebuild summary_<device>.md from the results JSON files")
@@ -120,9 +130,9 @@ def main() -> None:
             p = RESULTS / f"{name}_{device.type}.json"
             return json.loads(p.read_text()) if p.is_file() else None
 
-        fwd, pose, align = read("forward"), read("posing"), read("align_step")
-        env = next(d["environment"] for d in (fwd, pose, align) if d)
-        text = summary(device, fwd, pose, align, env, float("nan"))
+        fwd, pose, align, models = read("forward"), read("posing"), read("align_step"), read("models")
+        env = next(d["environment"] for d in (fwd, pose, align, models) if d)
+        text = summary(device, fwd, pose, align, env, float("nan"), models)
         (RESULTS / f"summary_{device.type}.md").write_text(text)
         print(text)
         return
@@ -130,7 +140,7 @@ def main() -> None:
     frames = args.frames or ("2" if args.quick else ("2,4,8,16,32" if cuda else "2,4,8"))
     env = environment(device)
     t0 = time.perf_counter()
-    fwd = pose = align = None
+    fwd = pose = align = models = None
     if "forward" not in skip:
         fwd = bench_forward.main(["--device", args.device, "--frames", frames, "--cache-dir", str(args.cache_dir)])
     if "posing" not in skip:
@@ -143,8 +153,10 @@ def main() -> None:
         if args.align_no_checkpointing_too:
             aargs.append("--no-checkpointing-too")
         align = bench_align_step.main(aargs)
+    if "models" not in skip:
+        models = bench_models.main(["--device", args.device, "--frames", "2" if args.quick else "2,8"])
     minutes = (time.perf_counter() - t0) / 60
-    text = summary(device, fwd, pose, align, env, minutes)
+    text = summary(device, fwd, pose, align, env, minutes, models)
     out = RESULTS / f"summary_{device.type}.md"
     out.write_text(text)
     print(text)
