@@ -16,6 +16,18 @@ STATE_DICT_KEYS = SHARED_DIR / "fixtures" / "state_dict_keys"
 SCENES = ("strecha_fountain-P11", "strecha_Herz-Jesus-P8", "strecha_castle-P19_odd9", "hloc_sacre_coeur")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module: the tiny test models gain nothing from threads, and on a busy
+    2-core machine OpenMP oversubscription makes them 10-20x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def dev_small() -> Path:
     if not DEV_SMALL.is_dir():

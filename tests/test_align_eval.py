@@ -25,12 +25,7 @@ SACRE = "hloc_sacre_coeur"
 SEED = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def images_txt_rotations(path: Path) -> dict[str, np.ndarray]:

@@ -25,12 +25,7 @@ CASTLE = "strecha_castle-P19_odd9"
 STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rot(axis: str, deg: float) -> torch.Tensor:

@@ -30,13 +30,7 @@ CASTLE = "strecha_castle-P19_odd9"
 SACRE = "hloc_sacre_coeur"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny model is too small to gain from threads; one thread avoids OpenMP spin-waits on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rot(axis: str, deg: float) -> torch.Tensor:

@@ -922,14 +922,6 @@ DATAPARSER_ROWS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("row_id", DATAPARSER_ROWS)
 def test_extreme3d_dataparser(lab: Lab, one_thread, row_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """In-process (it runs inside ns-train): a one-line exception naming the file, and no half-written cache."""

@@ -28,13 +28,7 @@ from ns_extreme.models.weights import WeightsReader, read_state_dict
 X = torch.rand(2, 3, 28, 42, generator=torch.Generator().manual_seed(0))  # 2 frames, 2x3 patches
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is fastest, and avoids 10x slowdowns when other jobs load the CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:

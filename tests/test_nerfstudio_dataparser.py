@@ -27,15 +27,6 @@ TINY = PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """The tiny model is 20x slower with 2 threads on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory, dev_small, one_thread) -> Path:
     root = tmp_path_factory.mktemp("dp")
     out = root / "dataset"

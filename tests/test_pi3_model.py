@@ -21,13 +21,7 @@ TINY = Pi3Config.tiny()
 OUTPUTS = ("points", "local_points", "conf", "camera_poses")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine oversubscription makes the tiny model ~20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------- key layout
