@@ -258,8 +258,16 @@ def test_eval_report_matches_independent_computation(
     assert errors["pretrained"] != errors["tuned"]  # the tuned biases are really applied
 
 
+def test_pairs_accepts_pi3_and_writes_the_same_list(tmp_path: Path, dev_small: Path) -> None:
+    sources = ["--sources", str(dev_small / CASTLE), "--strategy", "all", "--no-balance"]
+    assert cli.main(["pairs", *sources, "--output", str(tmp_path / "vggt.json")]) == 0
+    assert cli.main(["pairs", *sources, "--model", "pi3", "--output", str(tmp_path / "pi3.json")]) == 0
+    assert (tmp_path / "pi3.json").read_bytes() == (tmp_path / "vggt.json").read_bytes()
+    assert len(json.loads((tmp_path / "pi3.json").read_text())["pairs"]) == 36  # 9 views, all pairs
+
+
 def test_help_names_pi3(capsys: pytest.CaptureFixture[str]) -> None:
-    for sub in ("train", "eval"):
+    for sub in ("pairs", "train", "eval"):
         with pytest.raises(SystemExit) as exc:
             cli.main([sub, "--help"])
         assert exc.value.code == 0

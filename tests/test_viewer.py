@@ -8,9 +8,8 @@ the frusta's own colours in the 3D canvas, and a clear difference from a screens
 Screenshots are kept in tests/artifacts/.
 
 Tests that need Chromium are marked ``browser`` and skipped, with the reason, where it is not installed. The
-full nerfstudio run (ns-train's trainer + viewer for nerfacto and splatfacto, setup only, CPU) is ``slow``
-(about a minute of nerfstudio imports and setup here); the default suite covers the nerfstudio hook with the
-real dataparser and a real viser server instead.
+full nerfstudio run (ns-train's trainer + viewer for nerfacto and splatfacto, setup only, CPU) takes about a
+minute of nerfstudio imports and setup here, the largest single test of the default suite.
 """
 
 from __future__ import annotations
@@ -921,9 +920,8 @@ NS_VIEWER_SCRIPT = textwrap.dedent(
 )
 
 
-# slow: 59-67 s here (2 shared cores): ~15 s importing nerfstudio's method configs, ~5-10 s per pipeline setup,
+# 59-67 s here (2 shared cores): ~15 s importing nerfstudio's method configs, ~5-10 s per pipeline setup,
 # ~10 s until the browser shows the scene; even nerfacto alone takes ~30 s at best.
-@pytest.mark.slow
 @pytest.mark.browser
 def test_nerfstudio_viewer_with_nerfacto_and_splatfacto(dataset, browser, empty_screenshot, tmp_path):
     """ns-train's trainer + viewer (setup only, CPU) with the stock methods and the extreme3d dataparser:
@@ -963,9 +961,10 @@ def test_nerfstudio_viewer_with_nerfacto_and_splatfacto(dataset, browser, empty_
         img, stats = capture_scene(browser, f"http://127.0.0.1:{ports[0]}", ARTIFACTS / "nerfstudio_viewer.png", colours,
                                    None, top=60, min_pixels=100, scroll_to="Extreme poses")  # fmt: skip
         print("nerfstudio viewer screenshot:", json.dumps(stats))
-        # nerfstudio composites its (untrained) render with depth over the scene: frustum lines come out dotted.
+        # nerfstudio composites its (untrained) render with depth over the scene: frustum lines come out dotted,
+        # more or less depending on when the render lands (35-405 frustum pixels measured).
         assert stats["saturated_pixels"] >= 1000 and stats["distinct_colours"] >= 20, stats
-        assert colour_pixels(canvas(img, 60), colours, tol=40) >= 30, stats
+        assert colour_pixels(canvas(img, 60), colours, tol=40) >= 15, stats
         text = browser.text()
         for snippet in ("Pause Training", "Control", "Render", "Export", "Extreme poses", "9 views", "Poses", "Selected view"):
             assert snippet in text, snippet

@@ -79,6 +79,9 @@ class PairsConfig:
     """Seed of the (deterministic) subset selection."""
     allow_pickle: bool = False
     """Allow loading pickled .npy pair files (unpickling can run arbitrary code: only for files you trust)."""
+    model: Literal["vggt", "pi3"] = "vggt"
+    """Backbone the list is for. Mining uses only the cameras, so one list serves train and eval of every model
+    and the written file is the same for each; accepted so that a workflow's commands all take --model."""
 
 
 @dataclass(frozen=True)
