@@ -6,6 +6,7 @@ import os
 import ast
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -52,3 +53,17 @@ def read_key_list(path: Path) -> dict[str, tuple[int, ...]]:
         name, rest = line.split(" ", 1)
         keys[name] = tuple(ast.literal_eval(rest.rsplit(" ", 1)[0]))
     return keys
+
+
+def colmap_w2c_rotations(images_txt: Path) -> dict[str, np.ndarray]:
+    """Independent reader of a COLMAP images.txt: image name -> world-to-camera rotation (from QW QX QY QZ)."""
+    from scipy.spatial.transform import Rotation
+
+    out = {}
+    for line in images_txt.read_text().splitlines():
+        p = line.split()
+        if line.startswith("#") or len(p) != 10:
+            continue
+        qw, qx, qy, qz = (float(v) for v in p[1:5])
+        out[p[9]] = Rotation.from_quat([qx, qy, qz, qw]).as_matrix()
+    return out

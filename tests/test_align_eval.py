@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import colmap_w2c_rotations
 from ns_extreme.align.evaluate import EvalConfig, evaluate, parse_model_spec, parse_model_specs
 from ns_extreme.align.pairs import PairList, mine_pairs, views_from_colmap
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
@@ -26,26 +27,6 @@ SEED = 4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def images_txt_rotations(path: Path) -> dict[str, np.ndarray]:
-    """Independent COLMAP images.txt reader: name -> w2c rotation from QW QX QY QZ."""
-    out = {}
-    for line in path.read_text().splitlines():
-        p = line.split()
-        if line.startswith("#") or len(p) != 10:
-            continue
-        w, x, y, z = (float(v) for v in p[1:5])
-        n = math.sqrt(w * w + x * x + y * y + z * z)
-        w, x, y, z = w / n, x / n, y / n, z / n
-        out[p[9]] = np.array(
-            [
-                [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-            ]
-        )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +61,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, eval_pairs: Path):
 def independent_errors(pairs: PairList, dev_small: Path) -> np.ndarray:
     """Each pair alone through the tiny model, decoded with the pose-encoding decoder, GT from images.txt."""
     model = load_model("vggt", weights="random", alignment="pretrained", config=VGGTConfig.tiny(), seed=SEED)
-    gt_by_scene = {s: images_txt_rotations(dev_small / s / "sparse" / "0" / "images.txt") for s in (CASTLE, SACRE)}
+    gt_by_scene = {s: colmap_w2c_rotations(dev_small / s / "sparse" / "0" / "images.txt") for s in (CASTLE, SACRE)}
     errs = []
     for rec in pairs.records:
         batch = preprocess_images([dev_small / rec.view1.path, dev_small / rec.view2.path], mode="crop", target_size=56)

@@ -14,6 +14,7 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import ns_extreme.align.train as train_mod
+from conftest import colmap_w2c_rotations
 from ns_extreme.align.loss import rotation_loss
 from ns_extreme.align.pairs import PairList
 from ns_extreme.cli import align as cli
@@ -209,18 +210,6 @@ def test_gradient_checkpointing_gives_the_same_steps(pi3_run, castle_pairs: Path
 
 
 # ------------------------------------------------------------------------------------------------ CLI: eval
-
-
-def colmap_w2c_rotations(images_txt: Path) -> dict[str, np.ndarray]:
-    """Independent COLMAP images.txt reader: name -> w2c rotation (QW QX QY QZ)."""
-    out = {}
-    for line in images_txt.read_text().splitlines():
-        p = line.split()
-        if line.startswith("#") or len(p) != 10:
-            continue
-        qw, qx, qy, qz = (float(v) for v in p[1:5])
-        out[p[9]] = Rotation.from_quat([qx, qy, qz, qw]).as_matrix()
-    return out
 
 
 def angle_deg(R: np.ndarray) -> float:
