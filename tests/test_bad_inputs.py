@@ -255,6 +255,7 @@ class Lab:
                 break
             err.extend(chunk)
             if not sent and when(err.decode("utf-8", "replace")):
+                assert proc.poll() is None, f"the process ended before the signal could be sent: {err.decode()[-2000:]}"
                 proc.send_signal(sig)
                 sent = True
         proc.wait(timeout=TIMEOUT)
@@ -663,7 +664,9 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
         lab.batch("permissions", [bag, *view])
 
     # -- processes of their own
-    many = ["extreme-poses", "--data", str(A["many"]), *TINY]
+    # Many short passes (11 for 24 images): the signal must land while inference runs, even when a loaded
+    # machine makes this test's reader of the progress bar late by a second or two.
+    many = ["extreme-poses", "--data", str(A["many"]), *TINY, "--max-frames-per-pass", "4", "--chunk-overlap", "2"]
     def sig_run(row: str, sig: int) -> Result:
         case = _case_dir(A, "poses", row)
         return lab.interrupt([str(PROCESS), *many, "--output-dir", str(case / "out")], lambda e: "inference" in e, sig)

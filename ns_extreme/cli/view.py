@@ -58,19 +58,19 @@ class View:
         from ns_extreme.viewer.standalone import wait_forever
 
         t0 = time.perf_counter()
-        viewer = self.start()
-        if self.port and viewer.port != self.port:
-            print(f"port {self.port} is taken; using {viewer.port}")
-        if viewer.panel is not None:
-            s = viewer.panel.state()
-            what = f"{s['frusta']} cameras, {s['points_total']:,} points, {s['pairs']:,} pairs, pose sets: {', '.join(s['pose_sets'])}"
-        else:
-            what = f"{len(viewer.browser.pairs):,} evaluated pairs"
-        print(f"{what}; ready in {time.perf_counter() - t0:.1f} s")
-        print(f"viewer: {viewer.url}  (Ctrl-C to stop)", flush=True)
-        if self.host in ("0.0.0.0", "::"):
-            print("note: listening on every interface; anyone who can reach this machine can open the viewer")
-        wait_forever(viewer)
+        with self.start() as viewer:
+            if self.port and viewer.port != self.port:
+                print(f"port {self.port} is taken; using {viewer.port}")
+            if viewer.panel is not None:
+                s = viewer.panel.state()
+                what = f"{s['frusta']} cameras, {s['points_total']:,} points, {s['pairs']:,} pairs, pose sets: {', '.join(s['pose_sets'])}"
+            else:
+                what = f"{len(viewer.browser.pairs):,} evaluated pairs"
+            print(f"{what}; ready in {time.perf_counter() - t0:.1f} s")
+            print(f"viewer: {viewer.url}  (Ctrl-C to stop)", flush=True)
+            if self.host in ("0.0.0.0", "::"):
+                print("note: listening on every interface; anyone who can reach this machine can open the viewer")
+            wait_forever()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -433,9 +433,16 @@ def serve_pairs_browser(
     from ns_extreme.viewer.standalone import wait_forever
 
     viewer = start_pairs_browser(report_path, host, port)
+    if not block:
+        _announce(viewer, port, say)
+        return viewer
+    with viewer:
+        _announce(viewer, port, say)
+        wait_forever()
+    return viewer
+
+
+def _announce(viewer: Any, port: int, say: Any) -> None:
     if port and viewer.port != port:
         say(f"port {port} is taken; using {viewer.port}")
     say(f"pair browser: {viewer.url}  ({len(viewer.browser.pairs)} pairs; Ctrl-C to stop)")
-    if block:
-        wait_forever(viewer)
-    return viewer

@@ -38,6 +38,13 @@ class RunningViewer:
     def stop(self) -> None:
         self.server.stop()
 
+    def __enter__(self) -> "RunningViewer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # viser's threads are not daemons: a server left running would keep the process alive after Ctrl-C.
+        self.stop()
+
 
 def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, label: Optional[str] = None) -> tuple[Any, int]:
     import viser
@@ -72,13 +79,11 @@ def start_viewer(dataset: str | Path, host: str = DEFAULT_HOST, port: int = DEFA
     return RunningViewer(server=server, host=host, port=bound, timings_s=timings, panel=panel)
 
 
-def wait_forever(viewer: RunningViewer, sleep: Callable[[float], None] = time.sleep) -> None:
-    """Block until Ctrl-C (a normal way to leave a viewer: returns quietly), then stop the server (viser 0.2.7
-    has no ``sleep_forever``)."""
+def wait_forever(sleep: Callable[[float], None] = time.sleep) -> None:
+    """Block until Ctrl-C, a normal way to leave a viewer: returns quietly (viser 0.2.7 has no
+    ``sleep_forever``). Serve inside ``with viewer:`` so that the server stops however the block ends."""
     try:
         while True:
             sleep(3600.0)
     except KeyboardInterrupt:
         pass
-    finally:
-        viewer.stop()
