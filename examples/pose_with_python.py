@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model = load_model("vggt", weights=args.weights, alignment="aligned" if not args.tiny else "pretrained",
-                       config=VGGTConfig.tiny() if args.tiny else None)
+                       config=VGGTConfig.tiny() if args.tiny else None, heads=VGGTBackbone.heads)  # no point head
     print(model.load_report.summary())
     backbone = VGGTBackbone(model, target_size=140 if args.tiny else 518)
     recon = pose_images(list_images(args.images), backbone, PosingOptions(conf_percentile=50, max_points=50_000))

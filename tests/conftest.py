@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import ast
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,14 @@ DEV_SMALL = SHARED_DIR / "data" / "dev_small"
 BIAS_CKPTS = SHARED_DIR / "fixtures" / "bias_ckpts"
 STATE_DICT_KEYS = SHARED_DIR / "fixtures" / "state_dict_keys"
 SCENES = ("strecha_fountain-P11", "strecha_Herz-Jesus-P8", "strecha_castle-P19_odd9", "hloc_sacre_coeur")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A suite started in the background by a non-interactive shell (`cmd &`, nohup) inherits an ignored SIGINT,
+    # and so would every command the tests start: Python then never raises KeyboardInterrupt in them, and the
+    # Ctrl-C tests would see a command that cannot be interrupted. Restore the normal Ctrl-C for the children.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="module")

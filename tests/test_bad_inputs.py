@@ -664,8 +664,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
         lab.batch("permissions", [bag, *view])
 
     # -- processes of their own
-    # Many short passes (11 for 24 images): the signal must land while inference runs, even when a loaded
-    # machine makes this test's reader of the progress bar late by a second or two.
+    # Many short passes (11 for 24 images) keep inference running for seconds, not one: the signal must land
+    # while it runs even when this test's reader of the progress bar is late on a loaded machine.
     many = ["extreme-poses", "--data", str(A["many"]), *TINY, "--max-frames-per-pass", "4", "--chunk-overlap", "2"]
     def sig_run(row: str, sig: int) -> Result:
         case = _case_dir(A, "poses", row)
