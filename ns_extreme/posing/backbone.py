@@ -43,10 +43,13 @@ class PosingBackbone(Protocol):
         ...
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+def _forward(model: nn.Module, images: torch.Tensor, dtype: torch.dtype, **kwargs) -> dict[str, torch.Tensor]:
+    """``model(images[None], **kwargs)`` with the images in the dtype of the model's (non-narrowed) parameters,
+    under autocast when ``dtype`` is narrower than those."""
+    first = next(model.parameters())  # a token, never a Linear matrix stored narrow (store_weights_in)
+    autocast = torch.autocast(device_type=first.device.type, dtype=dtype) if dtype != first.dtype else contextlib.nullcontext()
+    with autocast:
+        return model(images.to(first.device, first.dtype)[None], **kwargs)
 
 
 def check_finite(name: str, *arrays: np.ndarray) -> None:
@@ -80,7 +83,6 @@ class VGGTBackbone:
         narrow_weights: bool = True,
     ) -> None:
         self.model = model
-        self.device = next(model.parameters()).device
         self.dtype = dtype
         self.target_size = target_size
         self.name = name
@@ -93,12 +95,7 @@ class VGGTBackbone:
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> FramePredictions:
         H, W = images.shape[-2:]
-        weights_dtype = next(self.model.parameters()).dtype
-        autocast = _autocast(self.device, self.dtype) if self.dtype != weights_dtype else contextlib.nullcontext()
-        with autocast:
-            out = self.model(
-                images.to(self.device, weights_dtype)[None], heads=self.heads, dpt_frames_chunk=self.dpt_frames_chunk
-            )
+        out = _forward(self.model, images, self.dtype, heads=self.heads, dpt_frames_chunk=self.dpt_frames_chunk)
         w2c, K = w2c_intrinsics_from_pose_encoding(out["pose_enc"][0].float(), (H, W))
         pred = FramePredictions(
             w2c_opencv=w2c.double().cpu().numpy(),
@@ -162,7 +159,6 @@ class Pi3Backbone:
         anchor_first_frame: bool = True,
     ) -> None:
         self.model = model
-        self.device = next(model.parameters()).device
         self.dtype = dtype
         self.target_size = target_size
         self.name = name
@@ -174,10 +170,7 @@ class Pi3Backbone:
         from ns_extreme.posing.focal import padding_mask, recover_focal
 
         H, W = images.shape[-2:]
-        weights_dtype = next(self.model.parameters()).dtype
-        autocast = _autocast(self.device, self.dtype) if self.dtype != weights_dtype else contextlib.nullcontext()
-        with autocast:
-            out = self.model(images.to(self.device, weights_dtype)[None], heads=("points", "conf", "camera"))
+        out = _forward(self.model, images, self.dtype, heads=("points", "conf", "camera"))
         local = out["local_points"][0].float().cpu()
         confidence = torch.sigmoid(out["conf"][0, ..., 0].float()).cpu().numpy()
         c2w = out["camera_poses"][0].double().cpu().numpy()

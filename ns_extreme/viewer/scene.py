@@ -41,11 +41,11 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ns_extreme.io.ply import read_ply
+from ns_extreme.posing.reconstruction import PairDiagnostic
 
 __all__ = [
     "ROOT",
     "FOLDER_LABEL",
-    "PairRow",
     "SceneData",
     "DisplayFrame",
     "load_scene",
@@ -79,18 +79,6 @@ PAIR_COLOR = (255, 0, 200)
 # ----------------------------------------------------------------------------------------------- data
 
 
-@dataclass(frozen=True)
-class PairRow:
-    """One row of extreme_poses.json ``pairs``; ``i``, ``j`` index ``SceneData.names``."""
-
-    i: int
-    j: int
-    angle_deg: float
-    overlap: str
-    pretrained_angle_deg: Optional[float] = None
-    model_disagreement_deg: Optional[float] = None
-
-
 @dataclass
 class SceneData:
     """A posed dataset in the model world (world-to-camera poses with OpenCV axes)."""
@@ -106,7 +94,7 @@ class SceneData:
     confidence: Optional[np.ndarray] = None
     """Per-view confidence [N] (NaN where unknown), None without extreme_poses.json."""
     intrinsics_source: Optional[list[str]] = None
-    pairs: list[PairRow] = field(default_factory=list)
+    pairs: list[PairDiagnostic] = field(default_factory=list)
     points_xyz: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
     points_rgb: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), dtype=np.uint8))
     points_conf: Optional[np.ndarray] = None
@@ -297,7 +285,7 @@ def _read_provenance(data: SceneData, prov_path: Path) -> None:
         except (KeyError, TypeError, ValueError):
             continue
         data.pairs.append(
-            PairRow(i=i, j=j, angle_deg=float(p.get("angle_deg", float("nan"))), overlap=str(p.get("overlap", "?")),
+            PairDiagnostic(i=i, j=j, angle_deg=float(p.get("angle_deg", float("nan"))), overlap=str(p.get("overlap", "?")),
                     pretrained_angle_deg=_opt_float(p.get("pretrained_angle_deg")),
                     model_disagreement_deg=_opt_float(p.get("model_disagreement_deg")))  # fmt: skip
         )
