@@ -122,6 +122,15 @@ def _fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def _explain_creation_failure(exc: OSError, target: Path) -> None:
+    """Raise a user-facing error when the folder or temporary file for ``target`` could not be created for a
+    known reason; return (the caller re-raises ``exc``) otherwise."""
+    if isinstance(exc, FileExistsError):  # mkdir(exist_ok=True) on a file
+        raise OutputWriteError(errno.ENOTDIR, f"could not write {target}: {target.parent} is a file, not a folder") from exc
+    if exc.errno in _OS_ERROR_HINTS:
+        raise _write_failed(exc, target) from exc
+
+
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
     """Call `write(f)` on a temp file next to `path`, fsync it, then `os.replace` it onto `path`."""
     target = Path(path)
@@ -130,10 +139,7 @@ def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Non
         mode = (target.stat().st_mode & 0o7777) if target.is_file() else (0o666 & ~_current_umask())
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     except OSError as exc:
-        if isinstance(exc, FileExistsError):  # mkdir(exist_ok=True) on a file
-            raise OutputWriteError(errno.ENOTDIR, f"could not write {target}: {target.parent} is a file, not a folder") from exc
-        if exc.errno in _OS_ERROR_HINTS:
-            raise _write_failed(exc, target) from exc
+        _explain_creation_failure(exc, target)
         raise
     try:
         with os.fdopen(fd, "wb") as f:
@@ -199,10 +205,7 @@ def staged_output_dir(final_dir: str | os.PathLike[str], overwrite: bool = False
         final.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     except OSError as exc:
-        if isinstance(exc, FileExistsError):  # mkdir(exist_ok=True) on a file
-            raise OutputWriteError(errno.ENOTDIR, f"could not write {final}: {final.parent} is a file, not a folder") from exc
-        if exc.errno in _OS_ERROR_HINTS:
-            raise _write_failed(exc, final) from exc
+        _explain_creation_failure(exc, final)
         raise
     try:
         os.chmod(staging, 0o777 & ~_current_umask())
