@@ -22,7 +22,7 @@ from typing import Literal, Sequence
 
 import torch
 
-from ns_extreme.geometry.rotations import geodesic_angle_torch
+from ns_extreme.geometry.rotations_torch import geodesic_angle_torch
 
 __all__ = ["LossOutput", "pair_rotation_loss", "rotation_loss"]
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ns_extreme.geometry.rotations import matrix_to_quat_xyzw_torch, quat_xyzw_to_matrix_torch
+from ns_extreme.geometry.rotations_torch import matrix_to_quat_xyzw_torch, quat_xyzw_to_matrix_torch
 
 
 def _as_tensor(x: torch.Tensor | object, like: torch.Tensor | None = None) -> torch.Tensor:

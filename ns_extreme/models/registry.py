@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ns_extreme.geometry.rotations import quat_xyzw_to_matrix_torch
+from ns_extreme.geometry.rotations_torch import quat_xyzw_to_matrix_torch
 from ns_extreme.models.bias import BiasSet
 
 CAMERA_HEADS = ("camera",)

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ns_extreme.geometry.conventions import invert_rigid
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
+from ns_extreme.geometry.rotations import nearest_rotation
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -110,24 +112,6 @@ class VGGTBackbone:
         return pred
 
 
-def _nearest_rotations(R: np.ndarray) -> np.ndarray:
-    """Project [..., 3, 3] onto SO(3) in float64 (π³'s fp32 SVD rotations are orthonormal to ~1e-7 only)."""
-    U, _, Vt = np.linalg.svd(R)
-    D = np.ones(R.shape[:-1])
-    D[..., -1] = np.sign(np.linalg.det(U @ Vt))
-    return (U * D[..., None, :]) @ Vt
-
-
-def _rigid_inverse(T: np.ndarray) -> np.ndarray:
-    """Inverse of rigid transforms [..., 4, 4] (rotation transposed, translation −Rᵀt)."""
-    out = np.zeros_like(T)
-    R = np.swapaxes(T[..., :3, :3], -1, -2)
-    out[..., :3, :3] = R
-    out[..., :3, 3] = -np.einsum("...ij,...j->...i", R, T[..., :3, 3])
-    out[..., 3, 3] = 1.0
-    return out
-
-
 class Pi3Backbone:
     """Runs π³'s point, confidence and camera heads on the frames as one (unordered) set.
 
@@ -175,8 +159,8 @@ class Pi3Backbone:
         confidence = torch.sigmoid(out["conf"][0, ..., 0].float()).cpu().numpy()
         c2w = out["camera_poses"][0].double().cpu().numpy()
         check_finite(self.name, c2w, local.numpy(), confidence)
-        c2w[:, :3, :3] = _nearest_rotations(c2w[:, :3, :3])
-        w2c = _rigid_inverse(c2w)
+        c2w[:, :3, :3] = nearest_rotation(c2w[:, :3, :3])
+        w2c = invert_rigid(c2w)
         if self.anchor_first_frame:
             w2c = w2c @ c2w[0]  # world := camera of frame 0
         K = recover_focal(local, confidence, (H, W), mask=padding_mask(images), shared=self.shared_focal)
