@@ -213,3 +213,44 @@ def sim3_from_camera_pairs(w2c_src: np.ndarray, w2c_dst: np.ndarray) -> Sim3:
     s = float(np.sqrt(spread_dst / spread_src)) if n >= 2 and spread_src > 0 and spread_dst > 0 else 1.0
     t = C_dst.mean(0) - s * (R @ C_src.mean(0))
     return Sim3(s, R, t)
+
+
+def sim3_from_camera_poses(
+    w2c_src: np.ndarray, w2c_dst: np.ndarray, weights: np.ndarray | None = None, iters: int = 20
+) -> Sim3:
+    """Sim3 mapping the src world onto the dst world from N ≥ 2 cameras posed in both, rotation first.
+
+    The rotation is the weighted chordal mean of ``R_dst_iᵀ·R_src_i`` (every camera's orientation counts, which
+    pins the rotation even for cameras on a line), then scale and translation fit the centres with that rotation
+    by Cauchy-weighted least squares (a camera far off its counterpart barely pulls). For one camera the scale is 1.
+    """
+    w2c_src = _as_pose(w2c_src, "w2c_src").reshape(-1, *np.shape(w2c_src)[-2:])
+    w2c_dst = _as_pose(w2c_dst, "w2c_dst").reshape(-1, *np.shape(w2c_dst)[-2:])
+    n = len(w2c_src)
+    if len(w2c_dst) != n or n == 0:
+        raise ValueError(f"need the same N ≥ 1 cameras on both sides, got {n} and {len(w2c_dst)}")
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(n)
+    M = np.einsum("n,nji,njk->ik", w, w2c_dst[:, :3, :3], w2c_src[:, :3, :3])
+    U, _, Vt = np.linalg.svd(M)
+    S = np.ones(3)
+    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
+        S[2] = -1.0
+    R = (U * S) @ Vt
+    C_src = _camera_centres(w2c_src) @ R.T
+    C_dst = _camera_centres(w2c_dst)
+    if n == 1:
+        return Sim3(1.0, R, C_dst[0] - C_src[0])
+    robust = np.ones(n)
+    s, t = 1.0, np.zeros(3)
+    for _ in range(iters):
+        ww = w * robust
+        mu_src, mu_dst = ww @ C_src / ww.sum(), ww @ C_dst / ww.sum()
+        xs, xd = C_src - mu_src, C_dst - mu_dst
+        denom = float(ww @ np.sum(xs * xs, axis=1))
+        s = float(ww @ np.sum(xs * xd, axis=1)) / denom if denom > 0 else 1.0
+        s = s if s > 0 else 1.0
+        t = mu_dst - s * mu_src
+        residuals = np.linalg.norm(C_dst - (s * C_src + t), axis=1)
+        c = 2.385 * 1.4826 * float(np.median(residuals)) + 1e-12 * (1.0 + float(np.abs(C_dst).max()))
+        robust = 1.0 / (1.0 + (residuals / c) ** 2)
+    return Sim3(s, R, t)

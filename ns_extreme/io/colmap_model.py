@@ -2,8 +2,9 @@
 
 Conventions: `w2c_opencv [N,3,4]` (COLMAP's `cam_from_world`, OpenCV axes), `K [N,3,3]` and
 `sizes_wh [N,2]` at the image resolution the model refers to (pixels span [0,W]x[0,H], as COLMAP).
-Written models use PINHOLE cameras and points without tracks (no 2D observations); pycolmap >= 3.12
-also writes rigs/frames files next to the classic three, which older readers simply ignore.
+Written models use PINHOLE cameras; points carry their tracks (2-D observations and reprojection errors) when
+they come from feature matches (``SfmPoints``) and empty tracks otherwise (depth points of the 3D foundation
+model). pycolmap >= 3.12 also writes rigs/frames files next to the classic three, which older readers ignore.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import pycolmap
 
-__all__ = ["ColmapModel", "write_colmap_model", "read_colmap_model"]
+__all__ = ["ColmapModel", "SfmPoints", "build_reconstruction", "write_colmap_model", "read_colmap_model"]
 
 _ROTATION_TOL = 1e-4
 _DEFAULT_RGB = 128
@@ -35,6 +37,38 @@ class ColmapModel(NamedTuple):
     extra_params: list[np.ndarray]  # per image: the model's non-pinhole (distortion) parameters
     points_xyz: np.ndarray  # [M,3] float64
     points_rgb: np.ndarray  # [M,3] uint8
+
+
+@dataclass
+class SfmPoints:
+    """Triangulated points with their tracks; observations flattened, in original-resolution pixels."""
+
+    xyz: np.ndarray  # [M, 3] float64
+    rgb: np.ndarray  # [M, 3] uint8
+    error: np.ndarray  # [M] mean reprojection error in original pixels
+    obs_point: np.ndarray  # [O] index into xyz
+    obs_view: np.ndarray  # [O] index of the observing image
+    obs_xy: np.ndarray  # [O, 2] continuous pixel position, [0, W] x [0, H]
+
+    def __len__(self) -> int:
+        return len(self.xyz)
+
+    def subset(self, keep_points: np.ndarray, keep_obs: np.ndarray | None = None) -> "SfmPoints":
+        """Points ``keep_points`` (bool [M]) with their observations (and only ``keep_obs``, bool [O], if given)."""
+        obs = keep_points[self.obs_point] & (True if keep_obs is None else keep_obs)
+        new_index = np.cumsum(keep_points) - 1
+        return SfmPoints(
+            self.xyz[keep_points], self.rgb[keep_points], self.error[keep_points],
+            new_index[self.obs_point[obs]], self.obs_view[obs], self.obs_xy[obs],
+        )  # fmt: skip
+
+    def transformed(self, xyz: np.ndarray) -> "SfmPoints":
+        return SfmPoints(xyz, self.rgb, self.error, self.obs_point, self.obs_view, self.obs_xy)
+
+    @staticmethod
+    def empty() -> "SfmPoints":
+        z = np.zeros(0, dtype=np.int64)
+        return SfmPoints(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0), z, z, np.zeros((0, 2)))
 
 
 def _check_inputs(
@@ -58,15 +92,21 @@ def _check_inputs(
         raise ValueError("K must be pinhole [[fx,0,cx],[0,fy,cy],[0,0,1]] (no skew)")
 
 
-def _build_reconstruction(
+def build_reconstruction(
     image_names: Sequence[str],
     w2c: np.ndarray,
     K: np.ndarray,
     sizes: np.ndarray,
-    points_xyz: np.ndarray | None,
-    points_rgb: np.ndarray | None,
+    points_xyz: np.ndarray | None = None,
+    points_rgb: np.ndarray | None = None,
+    sfm_points: SfmPoints | None = None,
 ) -> pycolmap.Reconstruction:
+    """A pycolmap Reconstruction: one PINHOLE camera per distinct (size, fx, fy, cx, cy), image ids 1..N in the
+    given order, ``sfm_points`` with their tracks (each observation becomes a 2-D point of its image) and
+    ``points_xyz`` / ``points_rgb`` without tracks. Inputs are not checked (``write_colmap_model`` does)."""
     rec = pycolmap.Reconstruction()
+    sfm = sfm_points if sfm_points is not None else SfmPoints.empty()
+    obs_index = np.zeros(len(sfm.obs_view), dtype=np.int64)  # 2-D point index of each observation in its image
     camera_ids: dict[tuple[float, ...], int] = {}
     for i, name in enumerate(image_names):
         w, h = int(sizes[i, 0]), int(sizes[i, 1])
@@ -77,8 +117,19 @@ def _build_reconstruction(
             cam = pycolmap.Camera(model="PINHOLE", width=w, height=h, params=list(params), camera_id=camera_ids[key])
             rec.add_camera_with_trivial_rig(cam)
         image = pycolmap.Image(name=str(name), camera_id=camera_ids[key], image_id=i + 1)
+        mine = np.flatnonzero(sfm.obs_view == i)
+        obs_index[mine] = np.arange(len(mine))
+        image.points2D = pycolmap.Point2DList([pycolmap.Point2D(xy) for xy in sfm.obs_xy[mine]])
         cam_from_world = pycolmap.Rigid3d(pycolmap.Rotation3d(w2c[i, :3, :3]), w2c[i, :3, 3])
         rec.add_image_with_trivial_frame(image, cam_from_world)
+    order = np.argsort(sfm.obs_point, kind="stable")
+    bounds = np.searchsorted(sfm.obs_point[order], np.arange(len(sfm) + 1))
+    for k in range(len(sfm)):
+        track = pycolmap.Track()
+        for o in order[bounds[k] : bounds[k + 1]]:
+            track.add_element(int(sfm.obs_view[o]) + 1, int(obs_index[o]))
+        point_id = rec.add_point3D(sfm.xyz[k], track, sfm.rgb[k])
+        rec.points3D[point_id].error = float(sfm.error[k])
     if points_xyz is not None:
         for xyz, rgb in zip(points_xyz, points_rgb):
             rec.add_point3D(xyz, pycolmap.Track(), rgb)
@@ -94,12 +145,13 @@ def write_colmap_model(
     points_xyz: np.ndarray | None = None,
     points_rgb: np.ndarray | None = None,
     binary: bool = True,
+    sfm_points: SfmPoints | None = None,
 ) -> Path:
     """Write a COLMAP model to `folder` (created if needed); each file is replaced atomically.
 
     One PINHOLE camera per distinct (size, fx, fy, cx, cy), shared by the images that have it.
-    `image_names` are relative to the images folder. Points get colours `points_rgb` (uint8 [M,3],
-    grey if None) and empty tracks.
+    `image_names` are relative to the images folder. `sfm_points` are written with their tracks; `points_xyz`
+    get colours `points_rgb` (uint8 [M,3], grey if None) and empty tracks.
     """
     w2c = np.asarray(w2c_opencv, dtype=np.float64)
     Ks = np.asarray(K, dtype=np.float64)
@@ -116,7 +168,11 @@ def write_colmap_model(
     elif points_rgb is not None:
         raise ValueError("points_rgb given without points_xyz")
 
-    rec = _build_reconstruction(image_names, w2c, Ks, sizes, xyz, rgb)
+    if sfm_points is not None and len(sfm_points.obs_view) and (
+        sfm_points.obs_view.min() < 0 or sfm_points.obs_view.max() >= len(image_names)
+    ):
+        raise ValueError("sfm_points observe an image index outside the model")
+    rec = build_reconstruction(image_names, w2c, Ks, sizes, xyz, rgb, sfm_points)
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".colmap.tmp-", dir=out))
