@@ -816,7 +816,7 @@ def test_extreme_poses_interrupted_or_limited(lab: Lab, row_id: str) -> None:
     code = 130 if row_id.startswith("sigint") else 143
     assert res.returncode == code, (res.returncode, res.stderr[-2000:])
     assert "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
-    assert "interrupted" in res.stderr and "nothing was written" in res.stderr
+    assert "interrupted" in res.stderr and "no file was left half-written" in res.stderr
     assert_clean_case(lab, "poses", row_id)
 
 

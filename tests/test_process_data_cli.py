@@ -182,7 +182,7 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, images):
 
 
 def test_run_guarded_maps_errors():
-    from ns_extreme.cli.process import run_guarded
+    from ns_extreme.cli.runtime import run_guarded
     from ns_extreme.models import ModelLoadError
     from ns_extreme.posing import NonFiniteOutputError
 
@@ -205,7 +205,7 @@ def test_run_guarded_maps_errors():
 
 
 def test_run_guarded_prints_one_line(capsys):
-    from ns_extreme.cli.process import run_guarded
+    from ns_extreme.cli.runtime import run_guarded
 
     def f():
         raise ValueError("first line\nsecond line " + "x" * 200)
@@ -241,7 +241,7 @@ def test_extreme_poses_does_not_import_nerfstudio_process_data():
     assert proc.stdout.strip().endswith("CLEAN"), proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("entry", ["ns_extreme.cli.process:run_cli", "ns_extreme.nerfstudio.process_data:entrypoint"])
+@pytest.mark.parametrize("entry", ["ns_extreme.cli.runtime:run_cli", "ns_extreme.nerfstudio.process_data:entrypoint"])
 def test_path_mistakes_are_reported_before_torch_loads(tmp_path, entry):
     """A mistyped --data must not wait seconds for torch (or nerfstudio) to import before it is reported."""
     module, fn = entry.split(":")
@@ -311,7 +311,8 @@ def test_command_runs_without_nerfstudio(tmp_path, images):
         """
         import sys
         sys.modules["nerfstudio"] = None  # any nerfstudio import now fails
-        from ns_extreme.cli.process import ExtremePoses, run_cli
+        from ns_extreme.cli.process import ExtremePoses
+        from ns_extreme.cli.runtime import run_cli
         code = run_cli(ExtremePoses, sys.argv[1:])
         print("NERFSTUDIO", [m for m in sys.modules if m.startswith("nerfstudio")])
         sys.exit(code)

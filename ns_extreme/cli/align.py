@@ -12,9 +12,10 @@ Examples::
 
 Pair lists do not depend on the backbone: one list serves ``--model vggt`` and ``--model pi3``.
 
-User mistakes (missing or malformed files, bad checkpoints, bad options) print one red ``error: ...`` line on
-stderr and exit with code 2 (set ``NS_EXTREME_TRACEBACK=1`` to see the traceback). An interrupted training run
-(Ctrl-C / SIGTERM) writes a checkpoint and exits with 128 + the signal number.
+Errors and exit codes follow ``ns_extreme.cli.runtime``: user mistakes (missing or malformed files, bad
+checkpoints, bad options) print one red ``error: ...`` line on stderr and exit with code 2 (set
+``NS_EXTREME_TRACEBACK=1`` to see the traceback). An interrupted training run (Ctrl-C / SIGTERM) writes a
+checkpoint and exits with 128 + the signal number.
 
 Presets: ``--preset FILE`` (YAML, JSON or TOML) supplies option defaults for ``train`` (its ``train:`` section)
 and ``eval`` (its ``eval:`` section); options on the command line override them.
@@ -22,12 +23,10 @@ and ``eval`` (its ``eval:`` section); options on the command line override them.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from typing_extensions import Annotated
 
 from ns_extreme.align.evaluate import EvalConfig
 from ns_extreme.align.train import TrainConfig
+from ns_extreme.cli.runtime import rearm_interrupt_signals, run_guarded
 
 __all__ = ["PairsConfig", "entrypoint", "main", "load_preset", "preset_args", "build_pairs"]
 
@@ -144,7 +144,6 @@ def _read_source(path: Path, what: str, read: Any) -> Any:
 def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
     """Run the ``pairs`` subcommand; returns the written pair-list path."""
     from ns_extreme.align.pairs import PairList, import_unscene_pairs, mine_pairs, scan_megaunscene, views_from_colmap, views_from_transforms
-    from ns_extreme.cli.process import rearm_interrupt_signals
 
     if not cfg.sources:
         raise ValueError("--sources needs at least one source")
@@ -296,46 +295,15 @@ Command = Union[
     Annotated[EvalConfig, tyro.conf.subcommand("eval")],
 ]
 
+OUT_OF_MEMORY = (
+    "out of memory; try a smaller --batch-size or --image-size, --gradient-checkpointing or --bf16 (train), "
+    "--dtype bf16 (eval on a GPU)"
+)
 DESCRIPTION = (
     "Bias alignment of 3D foundation models for extreme-view relative pose (Ext-3DFMs, arXiv 2511.22686): "
     "`pairs` builds labelled pair lists, `train` tunes the paper's bias subset with the rotation-only geodesic loss, "
     "`eval` reports MRE / RA15 / RA30 per overlap class. Backbones: `--model vggt` (default) or `--model pi3`."
 )
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from ns_extreme.posing.backbone import NonFiniteOutputError
-
-    # ValueError covers PairFileError, ModelLoadError, ImageReadError; OSError covers missing files, permissions,
-    # disk full (OutputWriteError), existing outputs.
-    return (ValueError, FloatingPointError, OSError, NonFiniteOutputError)
-
-
-_WORKER_ERROR = re.compile(r"^Caught (\w+) in DataLoader worker process")
-
-
-def _worker_error_message(err: BaseException) -> Optional[str]:
-    """A user error raised inside a DataLoader worker comes back wrapped with the worker's traceback in its
-    message (torch's ExceptionWrapper); recover the original one-line message, or None for other errors."""
-    text = str(err)
-    m = _WORKER_ERROR.match(text)
-    if m is None:
-        return None
-    names = {"ValueError", "ImageReadError", "PairFileError", "ModelLoadError", "FileNotFoundError", "PermissionError",
-             "OSError", "IsADirectoryError", "NotADirectoryError", "FloatingPointError", "NonFiniteOutputError"}
-    if m.group(1) not in names:
-        return None
-    last = [ln for ln in text.splitlines() if ln.strip()][-1]
-    prefix = re.match(r"^[\w.]+(Error|Exception): ", last)
-    return last[prefix.end() :] if prefix else last
-
-
-def _error(message: str) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-
-    line = " ".join(str(message).split()) or "unknown error"
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] [red]{escape(line)}[/red]", highlight=False)
 
 
 def run(cfg: Any) -> int:
@@ -369,36 +337,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse ``argv`` (default: ``sys.argv[1:]``), run, return the exit code (user errors -> 2)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    debug = os.environ.get("NS_EXTREME_TRACEBACK", "") not in ("", "0")
-    from ns_extreme.cli.process import interrupt_on_signals, interrupted_exit_code
-    from ns_extreme.io.atomic import describe_os_error
-    from ns_extreme.malloc import return_freed_memory_to_os
 
-    return_freed_memory_to_os()  # training frees GBs of multi-MB activations per step (peak 9.4 -> 5.8 GB at full size)
+    def parse_and_run() -> int:
+        return run(tyro.cli(Command, args=_expand_presets(argv), prog=PROG, description=DESCRIPTION))
 
-    try:
-        with interrupt_on_signals():  # SIGTERM / SIGHUP clean up like Ctrl-C (train stops after its step)
-            argv = _expand_presets(argv)
-            cfg = tyro.cli(Command, args=argv, prog=PROG, description=DESCRIPTION)
-            return run(cfg)
-    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except _user_errors() as err:
-        if debug:
-            raise
-        _error(describe_os_error(err))
-        return 2
-    except RuntimeError as err:  # a user error raised in a DataLoader worker process (--num-workers > 0)
-        message = _worker_error_message(err)
-        if message is None or debug:
-            raise
-        _error(message)
-        return 2
-    except KeyboardInterrupt as err:
-        _error("interrupted" + (f" ({err.args[0]})" if err.args else ""))
-        return interrupted_exit_code(err)
+    return run_guarded(parse_and_run, out_of_memory=OUT_OF_MEMORY)
 
 
 def entrypoint() -> None:

@@ -2,189 +2,33 @@
 
 The same ``ExtremePoses`` command is offered by ``ns-process-data extreme-poses`` (nerfstudio's stock
 subcommands plus ours, see ``ns_extreme.nerfstudio.process_data``), by ``ns-extreme-process-data
-extreme-poses`` and by ``python -m ns_extreme.cli.process``. ``run_cli`` / ``run_guarded`` turn user
-errors into one red ``error: ...`` line on stderr and exit code 2 (no traceback), and Ctrl-C / SIGTERM /
-SIGHUP into ``interrupted`` with exit code 128 + the signal number (130 / 143 / 129); the dataset writer stages
-everything in a hidden folder, so an interrupted or failed run leaves no half-written output.
+extreme-poses`` and by ``python -m ns_extreme.cli.process``. Errors, interruptions and exit codes follow
+``ns_extreme.cli.runtime``; the dataset writer stages everything in a hidden folder, so an interrupted or
+failed run leaves no output at all.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import logging
 import resource
-import signal
 import sys
-import threading
 import time
-import traceback
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import tyro
 from typing_extensions import Annotated
 
+from ns_extreme.cli.runtime import jsonable, rearm_interrupt_signals, run_cli
 from ns_extreme.posing.options import PosingOptions
-
-EXIT_USER_ERROR = 2
-EXIT_INTERRUPTED = 128 + int(signal.SIGINT)
 
 TINY_TARGET_SIZE = 140
 """Network input width used with ``--model-size tiny`` (a multiple of the 14-pixel patch; keeps tests fast)."""
-
-
-def _user_error_types() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is meant for the user (bugs keep their traceback)."""
-    types: list[type[BaseException]] = [
-        ValueError,  # includes ModelLoadError, ImageReadError
-        OSError,  # files and folders: not found, exists (OutputExistsError), permissions, disk full, ...
-    ]
-    backbone = sys.modules.get("ns_extreme.posing.backbone")  # not imported (torch!) just to name its error
-    if backbone is not None:
-        types.append(backbone.NonFiniteOutputError)
-    return tuple(types)
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM / SIGHUP turned into an exception, so that ``finally`` blocks and staging clean-up run."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-TERMINATING_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
-
-
-@contextlib.contextmanager
-def interrupt_on_signals() -> Iterator[None]:
-    """While active, SIGTERM / SIGHUP raise ``Interrupted`` (a KeyboardInterrupt) like Ctrl-C does.
-
-    Python's default for them is to die on the spot, which would skip the clean-up of staging folders and
-    temporary files. Handlers installed inside (e.g. the trainer's stop flag) take precedence while they
-    are active. Only in the main thread (signal handlers cannot be set elsewhere).
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Interrupted(signum)
-
-    previous = {}
-    for s in TERMINATING_SIGNALS:
-        if signal.getsignal(s) is signal.SIG_IGN:  # e.g. nohup: keep ignoring
-            continue
-        previous[s] = signal.signal(s, handler)
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-def rearm_interrupt_signals() -> None:
-    """Re-register the Python handlers of SIGTERM / SIGHUP with the OS.
-
-    Call after importing native libraries that install their own C-level handlers behind Python's back:
-    pycolmap's glog does so for SIGTERM at import (a stack dump, then abort), which would kill the process
-    without any clean-up.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return
-    for s in TERMINATING_SIGNALS:
-        handler = signal.getsignal(s)
-        if callable(handler) or handler in (signal.SIG_DFL, signal.SIG_IGN):
-            signal.signal(s, handler)
-
-
-def interrupted_exit_code(exc: BaseException) -> int:
-    """128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
-    return 128 + int(getattr(exc, "signum", signal.SIGINT))
-
-
-def _memory_hint(exc: BaseException) -> Optional[str]:
-    """A message for out-of-memory failures (torch's OutOfMemoryError is a RuntimeError)."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return (
-            "out of memory while posing; try --max-frames-per-pass 16 (overlapping chunks), "
-            "--dtype bf16-weights (about half the memory), --dtype bf16/fp16 on a GPU, or fewer images"
-        )
-    return None
-
-
-def print_error(message: str) -> None:
-    """One red ``error: <message>`` line on stderr (newlines folded, no wrapping)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    one_line = " ".join(str(message).split()) or "unknown error"
-    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(one_line)}")
-
-
-def run_guarded(fn: Callable[[], Any], verbose: Callable[[], bool] = lambda: False) -> int:
-    """Call ``fn`` and map user errors to exit code 2 (one line), Ctrl-C / SIGTERM / SIGHUP to 128 + signal;
-    returns the exit code.
-
-    ``verbose()`` is asked after a failure: when true the traceback is printed before the error line.
-    SystemExit (tyro's own usage errors, ``--help``) passes through unchanged.
-    """
-    from ns_extreme.io.atomic import describe_os_error
-    from ns_extreme.malloc import return_freed_memory_to_os
-
-    return_freed_memory_to_os()  # a model forward allocates and frees GBs of multi-MB tensors
-    try:
-        with interrupt_on_signals():
-            fn()
-    except KeyboardInterrupt as exc:
-        from rich.console import Console
-
-        name = f" ({exc.args[0]})" if isinstance(exc, Interrupted) else ""
-        Console(stderr=True).print(f"[bold red]interrupted[/bold red]{name} (nothing was written)")
-        return interrupted_exit_code(exc)
-    except BaseException as exc:  # noqa: BLE001 - filtered below
-        if isinstance(exc, SystemExit):
-            raise
-        hint = _memory_hint(exc)
-        if hint is None and not isinstance(exc, _user_error_types()):
-            raise
-        if verbose():
-            traceback.print_exc()
-        print_error(hint or describe_os_error(exc))
-        return EXIT_USER_ERROR
-    return 0
-
-
-def run_cli(cls: Any, args: Optional[Sequence[str]] = None, **tyro_kwargs: Any) -> int:
-    """Parse ``args`` (default: ``sys.argv[1:]``) into ``cls`` with tyro, call ``.main()``; returns the exit code.
-
-    Errors raised while parsing (option validation in ``__post_init__``) are user errors too.
-    """
-    parsed: list[Any] = []
-
-    def go() -> None:
-        parsed.append(tyro.cli(cls, args=args, **tyro_kwargs))
-        parsed[0].main()
-
-    return run_guarded(go, verbose=lambda: bool(parsed and getattr(parsed[0], "verbose", False)))
-
-
-# ------------------------------------------------------------------------------------------ the command
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return str(obj)
+OUT_OF_MEMORY = (
+    "out of memory while posing; try --max-frames-per-pass 16 (overlapping chunks), "
+    "--dtype bf16-weights (about half the memory), --dtype bf16/fp16 on a GPU, or fewer images"
+)
 
 
 def peak_memory_mb() -> float:
@@ -389,7 +233,7 @@ class ExtremePoses:
         extra = {
             "command": "extreme-poses",
             "argv": list(sys.argv),
-            "model": _jsonable(report),
+            "model": jsonable(report),
             "model_size": self.backbone.model_size,
             "network_input_size": backbone.target_size,
             "input": {
@@ -438,7 +282,7 @@ class ExtremePoses:
 
 def entrypoint() -> None:
     """``python -m ns_extreme.cli.process --data ... --output-dir ...`` (the command without nerfstudio)."""
-    raise SystemExit(run_cli(ExtremePoses))
+    raise SystemExit(run_cli(ExtremePoses, out_of_memory=OUT_OF_MEMORY))
 
 
 if __name__ == "__main__":

@@ -5,24 +5,23 @@ nerfstudio-style dataset folder); an ``ns-extreme-align eval`` report (its repor
 opens the pair browser instead. The server listens on the loopback interface unless ``--host`` says
 otherwise, and runs until Ctrl-C.
 
-Kept light: no torch / nerfstudio import on the normal path (start-up time is the viewer's). User errors are
-one ``error: ...`` line with exit code 2, like the other ns_extreme commands.
+Kept light: no torch / nerfstudio import on the normal path (start-up time is the viewer's). Errors and exit
+codes follow ``ns_extreme.cli.runtime`` like every ns_extreme command; Ctrl-C (or SIGTERM) is the normal way
+to stop the server and exits with 0.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import tyro
 
+from ns_extreme.cli.runtime import run_cli
 from ns_extreme.viewer.standalone import DEFAULT_HOST, DEFAULT_PORT
-
-EXIT_USER_ERROR = 2
 
 
 @dataclass
@@ -50,9 +49,14 @@ class View:
 
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
-        if is_report(self.path):
-            return start_pairs_browser(self.path, self.host, self.port)
-        return start_viewer(self.path, self.host, self.port)
+        try:
+            if is_report(self.path):
+                return start_pairs_browser(self.path, self.host, self.port)
+            return start_viewer(self.path, self.host, self.port)
+        except RuntimeError as exc:  # viser: "Failed to bind ..." (an address this machine does not have)
+            if "bind" not in str(exc):
+                raise
+            raise OSError(f"--host {self.host} --port {self.port}: {exc}") from exc
 
     def main(self) -> None:
         from ns_extreme.viewer.standalone import wait_forever
@@ -74,24 +78,8 @@ class View:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parsed: list[View] = []
-    try:
-        parsed.append(tyro.cli(View, args=argv))
-        parsed[0].main()
-    except SystemExit:
-        raise
-    except KeyboardInterrupt:
-        return 0
-    except (ValueError, OSError, RuntimeError) as exc:  # bad folder / file / port; viser: "Failed to bind"
-        if isinstance(exc, RuntimeError) and "bind" not in str(exc):
-            raise
-        if parsed and parsed[0].verbose:
-            traceback.print_exc()
-        from ns_extreme.cli.process import print_error
-
-        print_error(str(exc) or type(exc).__name__)
-        return EXIT_USER_ERROR
-    return 0
+    """Parse ``argv`` (default: ``sys.argv[1:]``), serve until stopped; returns the exit code."""
+    return run_cli(View, argv)
 
 
 def entrypoint() -> None:

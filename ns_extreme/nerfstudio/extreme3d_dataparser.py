@@ -56,6 +56,7 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerControl
 
 from ns_extreme.cli.process import PoseModelOptions
+from ns_extreme.cli.runtime import jsonable
 from ns_extreme.posing.options import PosingOptions
 
 CACHE_NAME = ".extreme3d"
@@ -116,12 +117,6 @@ def _image_fingerprint(images: List[Path]) -> List[List[Any]]:
         st = p.stat()
         out.append([p.name, int(st.st_size), int(st.st_mtime_ns)])
     return out
-
-
-def _jsonable(obj: Any) -> Any:
-    from ns_extreme.cli.process import _jsonable as impl
-
-    return impl(obj)
 
 
 @dataclass
@@ -193,8 +188,8 @@ class Extreme3DDataParser(DataParser, ViewerControl):
     def cache_key(self, images: List[Path]) -> Dict[str, Any]:
         return {
             "images": _image_fingerprint(images),
-            "backbone": _jsonable(self.config.backbone),
-            "posing": _jsonable(self.config.posing),
+            "backbone": jsonable(self.config.backbone),
+            "posing": jsonable(self.config.posing),
             "depth_format": self.config.depth_format,
         }
 
@@ -228,7 +223,7 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         recon = pose_images(images, backbone, self.config.posing, progress=True)
         extra = {
             "command": "extreme3d dataparser (on the fly)",
-            "model": _jsonable(report),
+            "model": jsonable(report),
             "model_size": self.config.backbone.model_size,
             "network_input_size": backbone.target_size,
             "input": {"folder": str(data.absolute()), "images": len(images)},

@@ -21,7 +21,8 @@ from typing import Any, Optional, Sequence, Union
 import tyro
 from typing_extensions import Annotated
 
-from ns_extreme.cli.process import ExtremePoses, run_guarded
+from ns_extreme.cli.process import OUT_OF_MEMORY, ExtremePoses
+from ns_extreme.cli.runtime import command_is_verbose, run_guarded
 
 EXTREME_POSES = Annotated[ExtremePoses, tyro.conf.subcommand(name="extreme-poses")]
 SUBCOMMAND = "extreme-poses"
@@ -70,7 +71,7 @@ def entrypoint(args: Optional[Sequence[str]] = None) -> None:
         except (RuntimeError, ValueError) as e:
             CONSOLE.log("[bold red]" + e.args[0])
 
-    code = run_guarded(go, verbose=lambda: bool(parsed and getattr(parsed[0], "verbose", False)))
+    code = run_guarded(go, verbose=lambda: command_is_verbose(parsed), out_of_memory=OUT_OF_MEMORY)
     if code:
         sys.exit(code)
 
