@@ -17,6 +17,7 @@ from ns_extreme.align.evaluate import EvalConfig
 from ns_extreme.align.pairs import PairList
 from ns_extreme.align.train import TrainConfig
 from ns_extreme.cli import align as cli
+from ns_extreme.cli.presets import load_preset, preset_default
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "align_vggt_paper.yaml"
@@ -120,24 +121,46 @@ def test_in_process_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], (argv, err)
 
 
+def parse_with_preset(argv: list[str]) -> object:
+    """What `ns-extreme-align` does: the preset becomes the subcommand's default config, then tyro parses."""
+    return tyro.cli(cli.command_type(cli.preset_defaults(argv)), args=argv)
+
+
 def test_preset_file_gives_defaults_and_cli_overrides(tmp_path: Path) -> None:
-    values = cli.load_preset(PRESET, "train")
+    values = load_preset(PRESET, "train")
     assert values["bias_set"] == ["paper"] and values["epochs"] == 2 and values["init_alignment"] == "pretrained"
-    argv = cli._expand_presets(["train", "--preset", str(PRESET), "--pairs", "p.json", "--lr", "0.5", "--no-bf16"])
-    cfg = tyro.cli(cli.Command, args=argv)
+    cfg = parse_with_preset(["train", "--preset", str(PRESET), "--pairs", "p.json", "--lr", "0.5", "--no-bf16"])
     assert isinstance(cfg, TrainConfig)
     assert cfg.lr == 0.5 and cfg.bf16 is False  # command line wins
     assert cfg.epochs == 2 and cfg.bias_set == ("paper",) and cfg.weights == "facebook/VGGT-1B"  # from the preset
     assert cfg.image_size == 518 and cfg.gradient_checkpointing is True and cfg.preset == PRESET
-    ev = tyro.cli(cli.Command, args=cli._expand_presets(["eval", "--pairs", "t.json", "--preset", str(PRESET)]))
+    ev = parse_with_preset(["eval", "--pairs", "t.json", "--preset", str(PRESET)])
     assert isinstance(ev, EvalConfig) and ev.models == ("pretrained", "aligned") and ev.batch_size == 1
-    # every option of the preset is a real option
+    # every option of the preset is a real option, with a value of its type
     for section, cls in (("train", TrainConfig), ("eval", EvalConfig)):
-        cli.preset_args(cli.load_preset(PRESET, section), cls)
+        preset_default(cls, load_preset(PRESET, section))
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  learning_rate: 3\n")
     with pytest.raises(ValueError, match="unknown option 'learning_rate'"):
-        cli._expand_presets(["train", "--preset", str(bad), "--pairs", "p.json"])
+        cli.preset_defaults(["train", "--preset", str(bad), "--pairs", "p.json"])
+    bad.write_text("train:\n  epochs: two\n")
+    with pytest.raises(ValueError, match="option 'epochs': expected int, got 'two'"):
+        cli.preset_defaults(["train", "--preset", str(bad), "--pairs", "p.json"])
+
+
+def test_a_flag_overrides_the_preset_wherever_it_stands(tmp_path: Path) -> None:
+    """Preset values are defaults, not arguments: a flag before or after --preset wins, the rest comes from the
+    file with its own types (YAML reads `1e-3` as a string), and required options stay required."""
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("train:\n  epochs: 5\n  lr: 1e-3\n  output-dir: runs/x\n  bias_set: paper\n")
+    before = ["train", "--epochs", "7", "--preset", str(preset), "--pairs", "p.json"]
+    after = ["train", "--preset", str(preset), "--pairs", "p.json", "--epochs", "7"]
+    for argv in (before, after):
+        cfg = parse_with_preset(argv)
+        assert isinstance(cfg, TrainConfig) and cfg.epochs == 7, argv
+        assert cfg.lr == 1e-3 and cfg.output_dir == Path("runs/x") and cfg.bias_set == ("paper",) and cfg.pairs == Path("p.json")
+    with pytest.raises(SystemExit):
+        parse_with_preset(["train", "--preset", str(preset)])  # --pairs is still required
 
 
 def test_pairs_train_eval_end_to_end(

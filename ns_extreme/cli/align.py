@@ -18,7 +18,8 @@ checkpoints, bad options) print one red ``error: ...`` line on stderr and exit w
 checkpoint and exits with 128 + the signal number.
 
 Presets: ``--preset FILE`` (YAML, JSON or TOML) supplies option defaults for ``train`` (its ``train:`` section)
-and ``eval`` (its ``eval:`` section); options on the command line override them.
+and ``eval`` (its ``eval:`` section), loaded into the subcommand's default config (``ns_extreme.cli.presets``);
+options on the command line override them.
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import tyro
 from typing_extensions import Annotated
 
 from ns_extreme.align.evaluate import EvalConfig
 from ns_extreme.align.train import TrainConfig
+from ns_extreme.cli.presets import find_preset, load_preset, preset_default
 from ns_extreme.cli.runtime import rearm_interrupt_signals, run_guarded
 
-__all__ = ["PairsConfig", "entrypoint", "main", "load_preset", "preset_args", "build_pairs"]
+__all__ = ["PairsConfig", "entrypoint", "main", "command_type", "preset_defaults", "build_pairs"]
 
 PROG = "ns-extreme-align"
 log = logging.getLogger(__name__)
@@ -215,85 +217,34 @@ def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
     return out
 
 
-# ------------------------------------------------------------------------------------------------ presets
-
-
-def load_preset(path: str | os.PathLike[str], section: str) -> dict[str, Any]:
-    """Option defaults of one subcommand from a YAML / JSON / TOML file (``{train: {...}, eval: {...}}``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preset file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        elif path.suffix.lower() == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:  # yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError
-        raise ValueError(f"preset {path}: cannot parse ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"preset {path}: expected a mapping with `train:` / `eval:` sections")
-    values = data.get(section) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"preset {path}: section `{section}` must be a mapping of option: value")
-    return values
-
-
-def preset_args(values: dict[str, Any], config_cls: type, source: str = "preset") -> list[str]:
-    """Turn ``{option: value}`` into command-line arguments for ``config_cls`` (checked against its fields)."""
-    fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    args: list[str] = []
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in fields or name == "preset":
-            raise ValueError(f"{source}: unknown option {key!r}; valid: {', '.join(n for n in fields if n != 'preset')}")
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + name.replace("_", "-"))
-        elif value is None:
-            args += [flag, "None"]
-        elif isinstance(value, (list, tuple)):
-            args += [flag, *[str(v) for v in value]]
-        elif isinstance(value, dict):
-            raise ValueError(f"{source}: option {key!r} must be a value or a list, not a mapping")
-        else:
-            args += [flag, str(value)]
-    return args
-
-
-def _expand_presets(argv: list[str]) -> list[str]:
-    """Insert the preset's options right after the subcommand name (so explicit options, later, win)."""
-    sections = {"train": TrainConfig, "eval": EvalConfig}
-    cmd_at = next((i for i, a in enumerate(argv) if a in (*sections, "pairs")), None)
-    if cmd_at is None or argv[cmd_at] not in sections:
-        return argv
-    rest = argv[cmd_at + 1 :]
-    preset = None
-    for i, a in enumerate(rest):
-        if a == "--preset" and i + 1 < len(rest):
-            preset = rest[i + 1]
-        elif a.startswith("--preset="):
-            preset = a.split("=", 1)[1]
-    if preset is None or preset == "None" or any(a in ("-h", "--help") for a in rest):
-        return argv
-    name = argv[cmd_at]
-    extra = preset_args(load_preset(preset, name), sections[name], source=f"preset {preset} [{name}]")
-    return argv[: cmd_at + 1] + extra + rest
-
-
 # ------------------------------------------------------------------------------------------------ entry point
 
-Command = Union[
-    Annotated[PairsConfig, tyro.conf.subcommand("pairs")],
-    Annotated[TrainConfig, tyro.conf.subcommand("train")],
-    Annotated[EvalConfig, tyro.conf.subcommand("eval")],
-]
+PRESET_SECTIONS: dict[str, type] = {"train": TrainConfig, "eval": EvalConfig}
+"""Subcommands that take ``--preset``, by name (the preset file's section names)."""
+
+
+def command_type(defaults: Optional[Mapping[str, Any]] = None) -> Any:
+    """The tyro union of the subcommands; ``defaults`` maps a subcommand name to its default config instance."""
+
+    def sub(name: str, cls: type) -> Any:
+        if defaults and name in defaults:
+            return Annotated[cls, tyro.conf.subcommand(name, default=defaults[name])]
+        return Annotated[cls, tyro.conf.subcommand(name)]
+
+    return Union[sub("pairs", PairsConfig), sub("train", TrainConfig), sub("eval", EvalConfig)]
+
+
+def preset_defaults(argv: Sequence[str]) -> dict[str, Any]:
+    """``{subcommand: default config}`` from the ``--preset FILE`` of a train / eval command line (else empty)."""
+    name = next((a for a in argv if a in ("pairs", *PRESET_SECTIONS)), None)
+    if name not in PRESET_SECTIONS:
+        return {}
+    path = find_preset(argv[list(argv).index(name) + 1 :])
+    if path is None:
+        return {}
+    values = load_preset(path, name)
+    return {name: preset_default(PRESET_SECTIONS[name], values, source=f"preset {path} [{name}]")}
+
 
 OUT_OF_MEMORY = (
     "out of memory; try a smaller --batch-size or --image-size, --gradient-checkpointing or --bf16 (train), "
@@ -339,7 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def parse_and_run() -> int:
-        return run(tyro.cli(Command, args=_expand_presets(argv), prog=PROG, description=DESCRIPTION))
+        command = command_type(preset_defaults(argv))
+        return run(tyro.cli(command, args=argv, prog=PROG, description=DESCRIPTION))
 
     return run_guarded(parse_and_run, out_of_memory=OUT_OF_MEMORY)
 
