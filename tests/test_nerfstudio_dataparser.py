@@ -140,6 +140,23 @@ def test_json_file_as_data(dataset):
     assert len(out.image_filenames) == 8
 
 
+def test_transforms_json_is_read_once_and_the_display_frame_is_explicit(dataset, monkeypatch):
+    """nerfstudio asks for each split; the file is parsed once per parser, and the viewer's frame is a value
+    that does not depend on which split was parsed first (or whether any was)."""
+    import ns_extreme.io.transforms_json as tj
+
+    reads = []
+    real = tj.read_transforms_json
+    monkeypatch.setattr(tj, "read_transforms_json", lambda *a, **k: reads.append(a) or real(*a, **k))
+    parser = Extreme3DDataParserConfig(data=dataset, scale_factor=1.5).setup()
+    frame = parser.display_frame()
+    train, val = parser.get_dataparser_outputs("train"), parser.get_dataparser_outputs("val")
+    assert len(reads) == 1
+    assert frame.transforms_json == dataset / "transforms.json" and frame.scale == pytest.approx(train.dataparser_scale)
+    np.testing.assert_array_equal(frame.transform, train.dataparser_transform.numpy())
+    assert torch.equal(train.dataparser_transform, val.dataparser_transform)
+
+
 def test_eval_modes(dataset):
     auto_train, auto_eval = parse(dataset, split="train"), parse(dataset, split="val")
     assert len(auto_train.image_filenames) == len(auto_eval.image_filenames) == 8  # sparse: all views train

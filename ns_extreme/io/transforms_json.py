@@ -179,7 +179,8 @@ def read_transforms_json(
     sizes_wh int [N,2]; meta). Poses are in the saved world unless `in_original_world`, which
     undoes `applied_transform`. meta: data_dir, camera_model, distortion_params [N,6]
     (k1,k2,k3,k4,p1,p2), applied_transform [3,4] or None, ply_file_path, depth_paths, mask_paths,
-    and `top_level` (every other top-level key).
+    c2w_opengl [N,4,4] (each transform_matrix exactly as written, made homogeneous) and `top_level` (every
+    other top-level key).
     """
     json_path = Path(path)
     if json_path.is_dir():
@@ -224,6 +225,7 @@ def read_transforms_json(
         "ply_file_path": data.get("ply_file_path"),
         "depth_paths": per_frame("depth_file_path"),
         "mask_paths": per_frame("mask_path"),
+        "c2w_opengl": c2w_gl,
         "top_level": {k: v for k, v in data.items() if k != "frames"},
     }
     return names, w2c, K, sizes_wh, meta

@@ -12,6 +12,9 @@ options after it)::
   ``extreme3d``) and the dataset is cached in ``<data>/.extreme3d`` (hidden, so the image folder still lists
   the same images; choose another place with ``--cache-dir``). The cache is reused while the image files
   (names, sizes, modification times) and the posing options are unchanged; ``--refresh-cache True`` re-poses.
+* a video file (mp4/mov/mkv/webm/avi): frames are sampled as by ``extreme-poses --data VIDEO`` into a temporary
+  folder and posed; the dataset (frames in its images/) is cached in ``<video folder>/.<video name>.extreme3d``,
+  reused while the video file and the options are unchanged.
 
 Frames: the same orientation / centring / scaling as nerfstudio's stock parsers
 (``camera_utils.auto_orient_and_center_poses`` then ``1 / max|t|`` times ``--scale-factor``); the seed
@@ -22,8 +25,8 @@ model's original world to the training frame, like nerfstudio's.
 Viewer: the parser is also a nerfstudio ``ViewerControl``. nerfstudio's viewer finds it as
 ``pipeline.datamanager.dataparser`` and calls ``_setup(viewer)``, which adds the "Extreme poses" panel
 (``ns_extreme.viewer.scene``: confidence-coloured frusta, seed point cloud, pretrained/aligned toggle, pair
-table) drawn in the training frame, with any method (splatfacto, nerfacto, ...), in ``ns-train`` and
-``ns-viewer``. A failure there is reported and never stops the stock viewer.
+table) drawn in the training frame (``display_frame()``), with any method (splatfacto, nerfacto, ...), in
+``ns-train`` and ``ns-viewer``. A failure there is reported and never stops the stock viewer.
 
 This module is imported while nerfstudio itself is still importing (entry point, see
 ``dataparser_spec``): keep its top-level imports to cameras / base_dataparser / scene_box / utils /
@@ -32,10 +35,12 @@ viewer_elements.
 
 from __future__ import annotations
 
+import functools
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
@@ -57,6 +62,7 @@ from nerfstudio.viewer.viewer_elements import ViewerControl
 
 from ns_extreme.cli.process import PoseModelOptions
 from ns_extreme.cli.runtime import jsonable
+from ns_extreme.io.video import DEFAULT_NUM_FRAMES_TARGET, VIDEO_SUFFIXES, is_video_file
 from ns_extreme.posing.options import PosingOptions
 
 CACHE_NAME = ".extreme3d"
@@ -72,7 +78,7 @@ class Extreme3DDataParserConfig(DataParserConfig):
     _target: Type = field(default_factory=lambda: Extreme3DDataParser)
     """target class to instantiate"""
     data: Path = Path()
-    """A dataset folder from ns-process-data extreme-poses (or its transforms.json), or a folder of images to pose on the fly (cached in <data>/.extreme3d)."""
+    """A dataset folder from ns-process-data extreme-poses (or its transforms.json), or a folder of images or a video file to pose on the fly (cached in <data>/.extreme3d, for a video in .<video name>.extreme3d beside it)."""
     scale_factor: float = 1.0
     """How much to scale the camera origins by (after --auto-scale-poses)."""
     scene_scale: float = 1.0
@@ -109,6 +115,9 @@ class Extreme3DDataParserConfig(DataParserConfig):
     """Raw image folders only: posing options (as for ns-process-data extreme-poses)."""
     depth_format: Literal["png", "npy", "none"] = "png"
     """Raw image folders only: depth maps written into the cached dataset."""
+    num_frames_target: int = DEFAULT_NUM_FRAMES_TARGET
+    """Video --data only: how many frames to take, evenly spread over the video (all when it has fewer); each is
+    the sharpest of a few consecutive frames around its position."""
 
 
 def _image_fingerprint(images: List[Path]) -> List[List[Any]]:
@@ -117,6 +126,48 @@ def _image_fingerprint(images: List[Path]) -> List[List[Any]]:
         st = p.stat()
         out.append([p.name, int(st.st_size), int(st.st_mtime_ns)])
     return out
+
+
+@dataclass(frozen=True)
+class DisplayFrame:
+    """Where the "Extreme poses" viewer panel draws a dataset: its saved world mapped into the training frame."""
+
+    transforms_json: Path
+    """The dataset's transforms.json (the panel reads the cameras, points and diagnostics it names)."""
+    transform: np.ndarray
+    """[3, 4] float64 map from the model's original world to the training frame, before scaling
+    (``dataparser_transform``)."""
+    scale: float
+    """Scale applied after ``transform`` (auto scale times --scale-factor)."""
+
+
+@dataclass
+class _Scene:
+    """A dataset in the training frame, all views in nerfstudio's order (sorted by file name)."""
+
+    json_path: Path
+    image_filenames: List[Path]
+    camera_to_worlds: torch.Tensor
+    """[N, 3, 4] float32, OpenGL axes, oriented, centred and scaled."""
+    K: np.ndarray
+    """[N, 3, 3] intrinsics at the original resolution."""
+    sizes_wh: np.ndarray
+    """[N, 2] image width and height."""
+    distortion: torch.Tensor
+    """[N, 6] OPENCV distortion parameters (k1, k2, k3, k4, p1, p2)."""
+    camera_type: Any
+    """nerfstudio's CameraType of the dataset's camera_model."""
+    depth_filenames: List[Path]
+    """Empty without depth maps (or with --load-depth False)."""
+    mask_filenames: List[Path]
+    dataparser_transform: torch.Tensor
+    """[3, 4] model world -> training frame before scaling (transform @ applied_transform)."""
+    scale_factor: float
+    """Scale of the training frame relative to the saved world."""
+    dataparser_scale: float
+    """``scale_factor`` times the dataset's applied_scale (nerfstudio's ``dataparser_scale``)."""
+    points: Optional[Dict[str, torch.Tensor]]
+    """points3D_xyz / points3D_rgb in the training frame, or None."""
 
 
 @dataclass
@@ -146,13 +197,9 @@ class Extreme3DDataParser(DataParser, ViewerControl):
 
         from ns_extreme.viewer.scene import ExtremePanel, load_scene, nerfstudio_frame
 
-        frame = getattr(self, "_extreme_frame", None)
-        if frame is None:  # nerfstudio always parses the train split first; be safe anyway
-            self.get_dataparser_outputs(split="train")
-            frame = self._extreme_frame
-        json_path, transform, scale_factor = frame
-        data = load_scene(json_path)
-        return ExtremePanel(server, data, nerfstudio_frame(transform, scale_factor, VISER_NERFSTUDIO_SCALE_RATIO))
+        frame = self.display_frame()
+        data = load_scene(frame.transforms_json)
+        return ExtremePanel(server, data, nerfstudio_frame(frame.transform, frame.scale, VISER_NERFSTUDIO_SCALE_RATIO))
 
     # ------------------------------------------------------------------ locating / producing the dataset
 
@@ -169,8 +216,13 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             raise ValueError("extreme3d: no dataset given; pass --data DATASET_OR_IMAGE_FOLDER")
         if not data.exists():
             raise FileNotFoundError(f"extreme3d: data folder {data} does not exist")
+        if data.is_file() and is_video_file(data):
+            return self._posed_video(data) / "transforms.json"
         if not data.is_dir():
-            raise ValueError(f"extreme3d: --data must be a dataset folder, a transforms.json or an image folder, got {data}")
+            raise ValueError(
+                f"extreme3d: --data must be a dataset folder, a transforms.json, an image folder or a video file "
+                f"({', '.join(VIDEO_SUFFIXES)}), got {data}"
+            )
         from ns_extreme.io.images import scan_images
 
         images = list(scan_images(data).images)
@@ -183,19 +235,40 @@ class Extreme3DDataParser(DataParser, ViewerControl):
 
     def cache_folder(self) -> Path:
         data = Path(self.config.data)
-        return Path(self.config.cache_dir) if self.config.cache_dir is not None else data / CACHE_NAME
+        if self.config.cache_dir is not None:
+            return Path(self.config.cache_dir)
+        return data.parent / f".{data.name}{CACHE_NAME}" if data.is_file() else data / CACHE_NAME
 
-    def cache_key(self, images: List[Path]) -> Dict[str, Any]:
+    def cache_key(self, images: List[Path], video: Optional[Path] = None) -> Dict[str, Any]:
+        source = (
+            {"video": _image_fingerprint([video]), "num_frames_target": self.config.num_frames_target}
+            if video is not None
+            else {"images": _image_fingerprint(images)}
+        )
         return {
-            "images": _image_fingerprint(images),
+            **source,
             "backbone": jsonable(self.config.backbone),
             "posing": jsonable(self.config.posing),
             "depth_format": self.config.depth_format,
         }
 
     def _posed_image_folder(self, data: Path, images: List[Path]) -> Path:
+        return self._posed_and_cached(data, self.cache_key(images), lambda: images)
+
+    def _posed_video(self, video: Path) -> Path:
+        """Frames sampled from ``video`` into a temporary folder (only when the cache does not match), posed, and
+        cached with the frames in the dataset's images/."""
+        from ns_extreme.io.video import extract_frames
+
+        with tempfile.TemporaryDirectory(prefix="ns_extreme_frames_") as frames_dir:
+            num_frames = self.config.num_frames_target
+            return self._posed_and_cached(
+                video, self.cache_key([], video=video), lambda: extract_frames(video, frames_dir, num_frames).paths
+            )
+
+    def _posed_and_cached(self, data: Path, key: Dict[str, Any], list_images: Callable[[], List[Path]]) -> Path:
+        """The cache folder, posed again from ``list_images()`` unless it was written with this ``key``."""
         cache = self.cache_folder()
-        key = self.cache_key(images)
         provenance = cache / "extreme_poses.json"
         exists = cache.exists() or cache.is_symlink()
         if exists and not provenance.is_file():
@@ -209,6 +282,7 @@ class Extreme3DDataParser(DataParser, ViewerControl):
                 CONSOLE.print(f"[bold green]extreme3d:[/bold green] reusing cached poses in {cache}")
                 return cache
             CONSOLE.print(f"[yellow]extreme3d: images or posing options changed since {cache} was written; posing again[/yellow]")
+        images = list_images()
         if len(images) < 2:
             raise ValueError(f"extreme3d: {data} has {len(images)} image(s); posing needs at least 2")
 
@@ -255,31 +329,25 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             return np.asarray(i_eval)
         raise ValueError(f"Unknown dataparser split {split}")
 
-    def _generate_dataparser_outputs(self, split: str = "train", **kwargs: Any) -> DataparserOutputs:
+    @functools.cached_property
+    def _scene(self) -> _Scene:
+        """transforms.json read once per parser (nerfstudio asks for each split) and mapped into the training
+        frame; split-independent."""
         from ns_extreme.io.transforms_json import read_transforms_json
 
         json_path = self.dataset_json()
         data_dir = json_path.parent
         try:
-            raw = json.loads(json_path.read_text(encoding="utf-8"))
+            names, _w2c, K, sizes_wh, meta = read_transforms_json(json_path)
         except json.JSONDecodeError as err:
             raise ValueError(f"{json_path}: not valid JSON ({err}); re-run ns-process-data extreme-poses") from None
-        names, _w2c, K, sizes_wh, meta = read_transforms_json(json_path)
-        c2w = np.stack([np.asarray(fr["transform_matrix"], dtype=np.float64) for fr in raw["frames"]])
-        if c2w.shape[1] == 3:
-            c2w = np.concatenate([c2w, np.broadcast_to([[[0.0, 0.0, 0.0, 1.0]]], (len(c2w), 1, 4))], axis=1)
         top = meta["top_level"]
 
         # Same frame order as nerfstudio's parser (sorted by file name).
         order = np.argsort([str(data_dir / n) for n in names], kind="stable")
-        image_filenames = [data_dir / names[i] for i in order]
-        poses = torch.from_numpy(c2w[order].astype(np.float32))
-        K, sizes_wh = K[order], sizes_wh[order]
-        distortion = torch.from_numpy(meta["distortion_params"][order].astype(np.float32))
-        depth_filenames = [data_dir / meta["depth_paths"][i] for i in order] if meta["depth_paths"] and self.config.load_depth else []
-        mask_filenames = [data_dir / meta["mask_paths"][i] for i in order] if meta["mask_paths"] else []
-
-        indices = self._split_indices(image_filenames, split)
+        poses = torch.from_numpy(meta["c2w_opengl"][order].astype(np.float32))
+        depth_paths = meta["depth_paths"] if self.config.load_depth else None
+        mask_paths = meta["mask_paths"]
 
         orientation_method = top.get("orientation_override", self.config.orientation_method)
         if "orientation_override" in top:
@@ -297,17 +365,49 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         scale_factor *= self.config.scale_factor
         poses[:, :3, 3] *= scale_factor
 
-        idx = torch.tensor(indices, dtype=torch.long)
-        poses = poses[idx]
-        image_filenames = [image_filenames[i] for i in indices]
-        depth_filenames = [depth_filenames[i] for i in indices] if depth_filenames else []
-        mask_filenames = [mask_filenames[i] for i in indices] if mask_filenames else []
-        K, sizes_wh = K[indices], sizes_wh[indices]
-
         camera_model = meta["camera_model"]
         if camera_model not in CAMERA_MODEL_TO_TYPE:
             raise ValueError(f"extreme3d: unsupported camera_model {camera_model!r} in {json_path}")
-        camera_type = CAMERA_MODEL_TO_TYPE[camera_model]
+        applied = meta["applied_transform"]
+        if applied is not None:
+            applied_h = torch.cat([torch.tensor(applied, dtype=transform_matrix.dtype), torch.tensor([[0, 0, 0, 1]], dtype=transform_matrix.dtype)], 0)
+            dataparser_transform = transform_matrix @ applied_h
+        else:
+            dataparser_transform = transform_matrix
+
+        points = None
+        if self.config.load_3D_points:
+            points = self._load_points(data_dir, meta.get("ply_file_path"), transform_matrix, scale_factor)
+            if points is None:
+                CONSOLE.print("[bold yellow]extreme3d: no point cloud in this dataset; splatfacto will use random initialisation")
+
+        return _Scene(
+            json_path=json_path,
+            image_filenames=[data_dir / names[i] for i in order],
+            camera_to_worlds=poses[:, :3, :4],
+            K=K[order],
+            sizes_wh=sizes_wh[order],
+            distortion=torch.from_numpy(meta["distortion_params"][order].astype(np.float32)),
+            camera_type=CAMERA_MODEL_TO_TYPE[camera_model],
+            depth_filenames=[data_dir / depth_paths[i] for i in order] if depth_paths else [],
+            mask_filenames=[data_dir / mask_paths[i] for i in order] if mask_paths else [],
+            dataparser_transform=dataparser_transform,
+            scale_factor=scale_factor,
+            dataparser_scale=scale_factor * float(top.get("applied_scale", 1.0)),
+            points=points,
+        )
+
+    def display_frame(self) -> DisplayFrame:
+        """Where the viewer panel draws this dataset: its transforms.json and the saved world -> training frame
+        map, the same for every split."""
+        scene = self._scene
+        return DisplayFrame(scene.json_path, scene.dataparser_transform.numpy().astype(np.float64), scene.scale_factor)
+
+    def _generate_dataparser_outputs(self, split: str = "train", **kwargs: Any) -> DataparserOutputs:
+        scene = self._scene
+        indices = self._split_indices(scene.image_filenames, split)
+        K, sizes_wh = scene.K[indices], scene.sizes_wh[indices]
+        idx = torch.tensor(indices, dtype=torch.long)
         cameras = Cameras(
             fx=torch.from_numpy(K[:, 0, 0].astype(np.float32))[:, None],
             fy=torch.from_numpy(K[:, 1, 1].astype(np.float32))[:, None],
@@ -315,46 +415,29 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             cy=torch.from_numpy(K[:, 1, 2].astype(np.float32))[:, None],
             width=torch.from_numpy(sizes_wh[:, 0].astype(np.int32))[:, None],
             height=torch.from_numpy(sizes_wh[:, 1].astype(np.int32))[:, None],
-            distortion_params=distortion[idx],
-            camera_to_worlds=poses[:, :3, :4],
-            camera_type=camera_type,
+            distortion_params=scene.distortion[idx],
+            camera_to_worlds=scene.camera_to_worlds[idx],
+            camera_type=scene.camera_type,
         )
-
-        applied = meta["applied_transform"]
-        if applied is not None:
-            applied_h = torch.cat([torch.tensor(applied, dtype=transform_matrix.dtype), torch.tensor([[0, 0, 0, 1]], dtype=transform_matrix.dtype)], 0)
-            dataparser_transform = transform_matrix @ applied_h
-        else:
-            dataparser_transform = transform_matrix
-        dataparser_scale = scale_factor * float(top.get("applied_scale", 1.0))
-        if split == "train":  # the viewer panel draws in this frame: model world -> training frame
-            self._extreme_frame = (json_path, dataparser_transform.numpy().astype(np.float64), float(scale_factor))
-
-        metadata: Dict[str, Any] = {}
-        if self.config.load_3D_points:
-            points = self._load_points(data_dir, meta.get("ply_file_path"), transform_matrix, scale_factor)
-            if points is not None:
-                metadata.update(points)
-            else:
-                CONSOLE.print("[bold yellow]extreme3d: no point cloud in this dataset; splatfacto will use random initialisation")
-
+        depth_filenames = [scene.depth_filenames[i] for i in indices] if scene.depth_filenames else []
+        mask_filenames = [scene.mask_filenames[i] for i in indices] if scene.mask_filenames else []
         depth_scale = self.config.depth_unit_scale_factor
         if depth_scale is None:
             depth_scale = 1.0 if depth_filenames and depth_filenames[0].suffix == ".npy" else 1e-3
 
         scene_scale = self.config.scene_scale
         return DataparserOutputs(
-            image_filenames=image_filenames,
+            image_filenames=[scene.image_filenames[i] for i in indices],
             cameras=cameras,
             scene_box=SceneBox(aabb=torch.tensor([[-scene_scale] * 3, [scene_scale] * 3], dtype=torch.float32)),
             mask_filenames=mask_filenames or None,
-            dataparser_scale=dataparser_scale,
-            dataparser_transform=dataparser_transform,
+            dataparser_scale=scene.dataparser_scale,
+            dataparser_transform=scene.dataparser_transform,
             metadata={
                 "depth_filenames": depth_filenames or None,
                 "depth_unit_scale_factor": depth_scale,
                 "mask_color": self.config.mask_color,
-                **metadata,
+                **(scene.points or {}),
             },
         )
 
