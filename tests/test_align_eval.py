@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import colmap_w2c_rotations
-from ns_extreme.align.evaluate import EvalConfig, evaluate, parse_model_spec, parse_model_specs
+from ns_extreme.align.evaluate import EvalConfig, evaluate, parse_alignment_arg, parse_alignment_args
 from ns_extreme.align.pairs import PairList, mine_pairs, views_from_colmap
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
 from ns_extreme.io.images import preprocess_images
@@ -163,17 +163,17 @@ def test_bias_checkpoint_models_side_by_side(eval_pairs: Path, tmp_path: Path) -
     assert "run1 MRE°" in result.table and "same MRE°" in result.table
 
 
-def test_model_spec_parsing(tmp_path: Path) -> None:
-    assert parse_model_spec("pretrained").label == "pretrained"
-    assert parse_model_spec("aligned").alignment == "aligned"
+def test_alignment_arg_parsing(tmp_path: Path) -> None:
+    assert parse_alignment_arg("pretrained").label == "pretrained"
+    assert parse_alignment_arg("aligned").alignment == "aligned"
     (tmp_path / "exp").mkdir()
     ck = tmp_path / "exp" / "biases.pth"
     ck.write_bytes(b"x")
-    assert parse_model_spec(str(ck)).label == "exp"
-    assert parse_model_spec(f"mine={ck}").label == "mine"
+    assert parse_alignment_arg(str(ck)).label == "exp"
+    assert parse_alignment_arg(f"mine={ck}").label == "mine"
     with pytest.raises(FileNotFoundError, match="not found"):
-        parse_model_spec("mine=/no/such/file.pth")
+        parse_alignment_arg("mine=/no/such/file.pth")
     with pytest.raises(ValueError, match="unique"):
-        parse_model_specs(["pretrained", "pretrained"])
+        parse_alignment_args(["pretrained", "pretrained"])
     with pytest.raises(ValueError, match="label"):
-        parse_model_spec("bad label=pretrained")
+        parse_alignment_arg("bad label=pretrained")

@@ -1,4 +1,4 @@
-"""Bad inputs for every command (issue "Reliability and security", product.md §7): one parametrised table per
+"""Bad inputs for every command (issue "Reliability and security"): one parametrised table per
 command. Each row feeds one bad input to the real command and checks the documented outcome:
 
 * an error: exit code 2, exactly one ``error: ...`` line on stderr that names the file / option and the fix,

@@ -1,4 +1,4 @@
-"""Overlap classes (product.md §4) on hand-made rotations at the class boundaries."""
+"""Overlap classes (the field-of-view rule of arXiv 2511.22686) on hand-made rotations at the class boundaries."""
 
 from __future__ import annotations
 

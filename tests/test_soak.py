@@ -1,6 +1,6 @@
 """Soak: pose + write a dataset 200 times in one process with the tiny model; resident memory must not grow.
 
-The issue's bar (product.md §7 reliability): no growth in memory beyond 5 % over many runs in one process (a
+The reliability bar: no growth in memory beyond 5 % over many runs in one process (a
 leak per run shows up here long before it hurts someone posing a few hundred photos, or a notebook / the
 extreme3d dataparser re-posing in one ns-train process). Each iteration runs the whole pipeline: image
 screening and loading, preprocessing, inference, points, and the atomic dataset writer (images, depth PNGs,

@@ -1,4 +1,4 @@
-"""Relative-rotation evaluation (``ns-extreme-align eval``), the paper's protocol (method.md §2.1).
+"""Relative-rotation evaluation (``ns-extreme-align eval``), the paper's protocol (arXiv 2511.22686).
 
 Each pair runs alone as a 2-image sequence (VGGT crop preprocessing at ``image_size``, the two images padded
 to a common shape with white), under ``no_grad`` and optional low-precision autocast. The predicted relative
@@ -11,9 +11,9 @@ with error ≤ 15° / ≤ 30°) for every compared model, side by side.
 Outputs in ``output_dir``: ``report.json`` (configuration, per-model load reports and summaries, per-pair GT and
 errors), ``errors_hist.png`` and ``errors_cdf.png``. All written atomically.
 
-Models are given as specs ``[label=]alignment``: ``pretrained``, ``aligned`` (the paper's released biases) or a
-path to a bias checkpoint (e.g. a training run's ``biases.pth``). A custom predictor (any callable from a
-collated batch to ``[B, 2, 3, 3]`` world-to-camera rotations) can be passed to ``evaluate`` instead of
+Models are given as ``--models`` entries ``[label=]alignment``: ``pretrained``, ``aligned`` (the paper's released
+biases) or a path to a bias checkpoint (e.g. a training run's ``biases.pth``). A custom predictor (any callable
+from a collated batch to ``[B, 2, 3, 3]`` world-to-camera rotations) can be passed to ``evaluate`` instead of
 loading a model (tests use a GT oracle).
 """
 
@@ -29,15 +29,20 @@ from typing import Any, Callable, Mapping, Optional
 import numpy as np
 import torch
 
+from ns_extreme.align.console import say
 from ns_extreme.align.data import PairDataset, collate_pairs, load_pair_list, resolve_images_root
 from ns_extreme.align.metrics import format_table, rotation_errors_deg, summarize
 from ns_extreme.align.train import ModelSize, model_config_for
+from ns_extreme.geometry.rotations import geodesic_angle_deg, relative_rotation
 from ns_extreme.io.atomic import atomic_write_json, check_output_location
 from ns_extreme.models import get_spec, load_model
 from ns_extreme.models.registry import CAMERA_HEADS, W2cRotationReader
 from ns_extreme.runtime import DeviceName, DtypeName, resolve_device, resolve_dtype
 
-__all__ = ["EvalConfig", "EvalResult", "ModelSpecArg", "parse_model_spec", "evaluate", "predict_rotations", "model_predictor"]
+__all__ = [
+    "EvalConfig", "EvalResult", "AlignmentArg", "parse_alignment_arg", "parse_alignment_args", "evaluate",
+    "predict_rotations", "model_predictor",
+]  # fmt: skip
 
 REPORT_FORMAT = "ns_extreme.align_eval"
 REPORT_VERSION = 1
@@ -96,7 +101,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         if not self.models:
-            raise ValueError("--models needs at least one model spec (pretrained, aligned or a bias checkpoint path)")
+            raise ValueError("--models needs at least one entry (pretrained, aligned or a bias checkpoint path)")
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.max_pairs is not None and self.max_pairs < 1:
@@ -106,11 +111,13 @@ class EvalConfig:
         if self.num_workers < 0:
             raise ValueError(f"--num-workers must be >= 0, got {self.num_workers}")
         get_spec(self.model)
-        parse_model_specs(self.models)
+        parse_alignment_args(self.models)
 
 
 @dataclass(frozen=True)
-class ModelSpecArg:
+class AlignmentArg:
+    """One ``--models`` entry: a label for the report and the alignment (biases) to load the backbone with."""
+
     label: str
     alignment: str
     """``pretrained``, ``aligned`` or a bias checkpoint path."""
@@ -119,32 +126,32 @@ class ModelSpecArg:
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 
-def parse_model_spec(spec: str) -> ModelSpecArg:
+def parse_alignment_arg(entry: str) -> AlignmentArg:
     """``pretrained`` | ``aligned`` | ``path`` | ``label=pretrained|aligned|path``; a path's label is its file stem
     (``biases``: its folder's name)."""
-    spec = spec.strip()
-    if not spec:
-        raise ValueError("empty model spec; use pretrained, aligned or [label=]path/to/biases.pth")
-    label, sep, alignment = spec.partition("=")
+    entry = entry.strip()
+    if not entry:
+        raise ValueError("empty --models entry; use pretrained, aligned or [label=]path/to/biases.pth")
+    label, sep, alignment = entry.partition("=")
     if not sep:
-        alignment = spec
-        if spec in ("pretrained", "aligned"):
-            label = spec
+        alignment = entry
+        if entry in ("pretrained", "aligned"):
+            label = entry
         else:
-            p = Path(spec)
+            p = Path(entry)
             label = p.parent.name if p.stem in ("biases", "") and p.parent.name else p.stem
     label, alignment = label.strip(), alignment.strip()
     if not label or not _LABEL_RE.match(label):
-        raise ValueError(f"model spec {spec!r}: label must be letters, digits, '_', '-', '.', '+' (got {label!r})")
+        raise ValueError(f"--models entry {entry!r}: label must be letters, digits, '_', '-', '.', '+' (got {label!r})")
     if not alignment:
-        raise ValueError(f"model spec {spec!r} has no alignment after '='")
+        raise ValueError(f"--models entry {entry!r} has no alignment after '='")
     if alignment not in ("pretrained", "aligned") and not Path(alignment).is_file():
-        raise FileNotFoundError(f"model spec {spec!r}: bias checkpoint {alignment} not found")
-    return ModelSpecArg(label, alignment)
+        raise FileNotFoundError(f"--models entry {entry!r}: bias checkpoint {alignment} not found")
+    return AlignmentArg(label, alignment)
 
 
-def parse_model_specs(specs: tuple[str, ...] | list[str]) -> list[ModelSpecArg]:
-    out = [parse_model_spec(s) for s in specs]
+def parse_alignment_args(entries: tuple[str, ...] | list[str]) -> list[AlignmentArg]:
+    out = [parse_alignment_arg(s) for s in entries]
     labels = [m.label for m in out]
     dup = sorted({x for x in labels if labels.count(x) > 1})
     if dup:
@@ -213,8 +220,8 @@ def predict_rotations(
             if R.shape != R_gt.shape:
                 raise ValueError(f"predictor returned {R.shape}, expected {R_gt.shape}")
             idx = batch["index"].numpy()
-            pred_rel[idx] = R[:, 1] @ np.swapaxes(R[:, 0], -1, -2)
-            gt_rel[idx] = R_gt[:, 1] @ np.swapaxes(R_gt[:, 0], -1, -2)
+            pred_rel[idx] = relative_rotation(R[:, 0], R[:, 1])
+            gt_rel[idx] = relative_rotation(R_gt[:, 0], R_gt[:, 1])
             if bar is not None:
                 bar.update(len(idx))
     finally:
@@ -229,10 +236,6 @@ def _json_float(x: float) -> Optional[float]:
 
 def _json_matrix(M: np.ndarray) -> Optional[list[list[float]]]:
     return M.tolist() if np.all(np.isfinite(M)) else None
-
-
-def _angle_deg(R: np.ndarray) -> np.ndarray:
-    return np.degrees(np.arccos(np.clip((np.trace(R, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)))
 
 
 def evaluate(
@@ -260,10 +263,10 @@ def evaluate(
     if predictors is not None:
         jobs: list[tuple[str, Any]] = [(label, p) for label, p in predictors.items()]
     else:
-        jobs = [(m.label, m) for m in parse_model_specs(cfg.models)]
+        jobs = [(m.label, m) for m in parse_alignment_args(cfg.models)]
     for label, job in jobs:
         t0 = time.perf_counter()
-        if isinstance(job, ModelSpecArg):
+        if isinstance(job, AlignmentArg):
             model = load_model(
                 cfg.model,
                 weights=cfg.weights,
@@ -285,13 +288,13 @@ def evaluate(
                     "alignment_parameters": load_report.alignment.parameters if load_report.alignment else 0,
                 },
             }
-            _say(console, load_report.summary())
+            say(console, load_report.summary())
         else:
             model, predictor, entry = None, job, {"alignment": "custom predictor"}
         pred_rel, gt = predict_rotations(predictor, dataset, cfg.batch_size, cfg.num_workers, cfg.progress, desc=label)
         gt_rel = gt
         errors[label] = rotation_errors_deg(pred_rel, gt)
-        pred_angles[label] = _angle_deg(pred_rel)
+        pred_angles[label] = geodesic_angle_deg(pred_rel, np.eye(3))
         pred_rels[label] = pred_rel
         entry["seconds"] = time.perf_counter() - t0
         models_report[label] = entry
@@ -302,7 +305,7 @@ def evaluate(
         models_report[label]["summary"] = summaries[label]
     table = format_table(summaries)
     assert gt_rel is not None
-    gt_angles = _angle_deg(gt_rel)
+    gt_angles = geodesic_angle_deg(gt_rel, np.eye(3))
 
     per_pair = []
     for i, rec in enumerate(pairs.records):
@@ -346,11 +349,6 @@ def evaluate(
         plot_paths.append(plot_error_cdfs(errors, labels, out_dir / "errors_cdf.png"))
     report["plots"] = [p.name for p in plot_paths]
     report_path = atomic_write_json(out_dir / "report.json", report)
-    _say(console, table)
-    _say(console, f"report: {report_path}" + (f"; plots: {', '.join(str(p) for p in plot_paths)}" if plot_paths else ""))
+    say(console, table)
+    say(console, f"report: {report_path}" + (f"; plots: {', '.join(str(p) for p in plot_paths)}" if plot_paths else ""))
     return EvalResult(report, errors, summaries, table, report_path, plot_paths)
-
-
-def _say(console: Any, message: str) -> None:
-    if console is not None:
-        console.print(message, highlight=False, markup=False)

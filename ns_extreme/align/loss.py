@@ -1,4 +1,4 @@
-"""The alignment loss (method.md §1.3): rotation-only geodesic loss on the relative rotation of a pair.
+"""The alignment loss of arXiv 2511.22686: rotation-only geodesic loss on the relative rotation of a pair.
 
     L = geo(R2 R1ᵀ, R2gt R1gtᵀ) + [reference_frame] · geo(R1, I),   geo(A, B) = arccos((tr(A Bᵀ) − 1) / 2)
 
@@ -10,7 +10,7 @@ encodings, one estimate per camera-head iteration; π³: the transposed rotation
 WorldMirror), not for permutation-equivariant ones (π³), whose world is arbitrary. The arccos cosine is clamped
 to ±(1 − eps) so gradients stay finite at 0° and 180°.
 
-Not known from the paper (method.md §4.3): the clamp epsilon, whether iterations other than the last are
+Not stated in the paper: the clamp epsilon, whether iterations other than the last are
 supervised. ``iteration_weighting="all"`` is offered as an option (VGGT's own training weights the 4
 camera-head iterations by γ^(n−1−i), γ = 0.6); the default is the last iteration only, like the evaluation.
 """

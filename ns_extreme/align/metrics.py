@@ -1,4 +1,4 @@
-"""Relative-rotation metrics of the paper's protocol (method.md §2.1), per overlap class.
+"""Relative-rotation metrics of the paper's protocol (arXiv 2511.22686, evaluation), per overlap class.
 
 - error: geodesic angle of ``R_pred_rel · R_gt_relᵀ`` in degrees (float64, cosine clamped to [−1, 1]);
 - MRE: median error (degrees);

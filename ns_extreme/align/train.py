@@ -2,7 +2,7 @@
 
 Everything but the chosen biases is frozen (``requires_grad=False``) and the optimizer holds only those
 biases, so nothing else can change or hold gradients / optimizer state. Only the camera path of the model
-runs (``heads=("camera",)``); heads stay frozen (method.md §1). Any registered backbone trains the same way:
+runs (``heads=("camera",)``); heads stay frozen, as in the paper. Any registered backbone trains the same way:
 ``ModelSpec.w2c_rotations`` reads its predicted world-to-camera rotations (VGGT: pose encodings, π³:
 camera-to-world poses) and ``ModelSpec.reference_frame`` says whether the first-camera anchor term applies.
 
@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ns_extreme.align.console import say
 from ns_extreme.align.data import AugmentConfig, EpochBatchSampler, PairDataset, collate_pairs, load_pair_list, resolve_images_root
 from ns_extreme.align.loss import IterationWeighting, rotation_loss
 from ns_extreme.io.atomic import atomic_write_json, check_output_location, torch_save_atomic
@@ -77,7 +78,8 @@ class TrainConfig:
     """Tune the paper's bias subset of a 3D foundation model on image pairs with the rotation-only geodesic loss.
 
     Known from the paper: the bias set, the loss, frozen heads, 2 epochs on ~65k pairs. Unknown (our defaults):
-    optimizer settings, learning rate, schedule, batch size, resolution, augmentation (docs/method.md §1.5).
+    optimizer settings, learning rate, schedule, batch size, resolution, augmentation (configs/align_vggt_paper.yaml
+    marks which of its values come from the paper).
     """
 
     pairs: Path
@@ -475,7 +477,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
         log.info("resumed from %s at step %d", resume_path, step)
     else:
         if cfg.resume:
-            _say(console, f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting from step 0")
+            say(console, f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting from step 0")
         random.seed(cfg.seed)
         np.random.seed(cfg.seed % (2**32))
         torch.manual_seed(cfg.seed)
@@ -484,7 +486,7 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
     atomic_write_json(output_dir / "config.json", cfg.to_json())
     stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
     n_params = sum(p.numel() for p in trainable)
-    _say(
+    say(
         console,
         f"{model.load_report.summary()}\n"
         f"training {n_params:,} parameters in {len(names)} tensors on the relative-rotation loss"
@@ -583,9 +585,9 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
     if completed:
         export = output_dir / "biases.pth"
         write_bias_checkpoint(export, biases)
-        _say(console, f"done at step {step}/{total_steps}: tuned biases in {export} (load with --alignment {export})")
+        say(console, f"done at step {step}/{total_steps}: tuned biases in {export} (load with --alignment {export})")
     else:
-        _say(console, f"interrupted at step {step}/{total_steps}: checkpoint {last_ckpt}; continue with --resume")
+        say(console, f"interrupted at step {step}/{total_steps}: checkpoint {last_ckpt}; continue with --resume")
     return TrainResult(
         output_dir=output_dir,
         step=step,
@@ -624,10 +626,3 @@ class _LazySummaryWriter:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-def _say(console: Any, message: str) -> None:
-    if console is not None:
-        console.print(message, highlight=False, markup=False)
-    else:
-        log.info(message)

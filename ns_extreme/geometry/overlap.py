@@ -1,4 +1,4 @@
-"""Overlap classes of an image pair: the paper's field-of-view rule (product.md §4).
+"""Overlap classes of an image pair: the paper's field-of-view rule (arXiv 2511.22686).
 
 Relative rotation ``R = R2 · R1ᵀ`` of the two world-to-camera (OpenCV) rotations.
 ``Rotation.from_matrix(R).as_euler('ZXY', degrees=True)`` gives the angles about Z, X, Y in that order;

@@ -14,8 +14,6 @@ from ns_extreme.models.vggt.dpt_head import DPTHead
 
 HEADS = ("camera", "depth", "points")
 HEAD_MODULES = {"camera": "camera_head", "depth": "depth_head", "points": "point_head"}
-IGNORED_CHECKPOINT_PREFIXES = ("track_head.",)
-"""Official checkpoint keys this implementation does not use: the point-tracking head is not implemented."""
 
 
 class VGGT(nn.Module):
