@@ -217,8 +217,7 @@ class ExtremePoses:
             t = time.perf_counter()
             backbone, compare, report = load_backbones(self.backbone, self.compare_pretrained, say=console.print)
             load_s = time.perf_counter() - t
-        console.print(f"licence: {escape(report.licence)}")
-        console.print(escape(report.summary()))
+        console.print(escape(report.summary()))  # names the weights' licence
 
         recon = pose_images(images, backbone, self.posing, compare_backbone=compare, progress=True)
         recon.timings["model_load_s"] = load_s

@@ -292,8 +292,7 @@ class Extreme3DDataParser(DataParser, ViewerControl):
 
         CONSOLE.print(f"[bold]extreme3d:[/bold] posing {len(images)} images of {data} (cache: {cache})")
         backbone, _, report = load_backbones(self.config.backbone, say=CONSOLE.print)
-        CONSOLE.print(f"licence: {report.licence}")
-        CONSOLE.print(report.summary())
+        CONSOLE.print(report.summary())  # names the weights' licence
         recon = pose_images(images, backbone, self.config.posing, progress=True)
         extra = {
             "command": "extreme3d dataparser (on the fly)",
