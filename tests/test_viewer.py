@@ -32,13 +32,12 @@ import numpy as np
 import pytest
 import torch
 
-from ns_extreme.viewer.scene import (
-    NO_PAIR,
-    SELECTED_COLOR,
-    confidence_colors,
-    load_scene,
-    standalone_frame,
-)
+from ns_extreme.io.ply import read_ply
+from ns_extreme.viewer.colors import UNKNOWN_COLOR, confidence_colors
+from ns_extreme.viewer.frames import standalone_frame
+from ns_extreme.viewer.frusta import SELECTED_COLOR
+from ns_extreme.viewer.panel_text import NO_SELECTION
+from ns_extreme.viewer.scene_data import load_scene
 from ns_extreme.viewer.standalone import start_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -399,7 +398,8 @@ def test_confidence_colours_and_standalone_frame(dataset):
     assert tuple(c[0]) == (215, 48, 39) and tuple(c[2]) == (26, 152, 80) and tuple(c[3]) == (150, 150, 150)
     data = load_scene(dataset)
     frame = standalone_frame(data)
-    wxyz, pos = frame.cameras(data.poses["aligned"])
+    shown = frame.cameras(data.poses["aligned"])
+    wxyz, pos = shown.wxyz, shown.positions
     assert np.abs(pos - pos.mean(0)).max() == pytest.approx(10.0)  # cameras fill a ±10 box, like nerfstudio x10
     # The mean camera "up" (-y in OpenCV) points along +z, viser's up.
     import viser.transforms as vtf
@@ -412,9 +412,23 @@ def test_confidence_colours_and_standalone_frame(dataset):
 
 
 LIVE_NODES_SRC = '''
+def wait_until_sent(server, timeout=10.0):
+    """Messages queued inside server.atomic() blocks reach the broadcast buffer from viser's thread pool once
+    the block ends (viser 0.2.7): wait for the queue to drain, then for the last send to finish."""
+    import time
+
+    ws = server._websock_server
+    deadline = time.monotonic() + timeout
+    while not ws._queued_messages.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with server.atomic():
+        pass
+
+
 def live_scene_nodes(server):
     """Scene nodes as a newly connecting browser receives them: a replay of viser's persistent broadcast
     buffer (adds, minus RemoveSceneNodeMessage; viser 0.2.7's own name registry keeps removed nodes)."""
+    wait_until_sent(server)
     buf = server._websock_server._broadcast_buffer
     with buf.buffer_lock:
         messages = [buf.message_from_id[k] for k in sorted(buf.message_from_id)]
@@ -477,59 +491,74 @@ def test_panel_elements_nodes_and_interactions(dataset):
             assert label in labels, label
         assert labels["Poses"].options == ("aligned", "pretrained") and not labels["Poses"].disabled
         assert not labels["Conf. percentile"].disabled  # sparse_pc.ply has per-point confidence
-        assert panel.gui["points_info"].content == f"showing {state['points_total']:,} of {state['points_total']:,} points"
-        assert "1.98" in panel.gui["legend"].content or "low" in panel.gui["legend"].content
-        # Frustum colours follow the per-view confidence.
-        expected = confidence_colors(panel.data.confidence)
-        assert [panel._frustum_color(i) for i in range(N_VIEWS)] == [tuple(int(v) for v in c) for c in expected]
+        assert "Show points" not in labels and "Highlight SfM" not in labels  # no SfM points in this dataset
+        assert panel.points_info.content == f"showing {state['points_total']:,} of {state['points_total']:,} points"
+        # The tiny random model's view confidences differ by ~0.03 %: one colour, and the legend says why.
+        assert "confidence spread within noise" in panel.legend.content
+        assert {panel.frusta.color(i) for i in range(N_VIEWS)} == {UNKNOWN_COLOR}
 
         # Pose toggle (through the GUI input, as a browser would): frusta move to the pretrained poses and back.
         aligned = panel.positions()
         labels["Poses"].value = "pretrained"
         assert _wait(lambda: panel.pose_set == "pretrained", lock=panel._lock)
-        np.testing.assert_allclose(panel.positions(), panel._display["pretrained"][1], atol=1e-9)
+        np.testing.assert_allclose(panel.positions(), panel.frusta.poses["pretrained"].positions, atol=1e-9)
         assert np.abs(panel.positions() - aligned).max() > 1e-3
         panel.set_pose_set("aligned")
         np.testing.assert_allclose(panel.positions(), aligned, atol=1e-9)
         assert labels["Poses"].value == "aligned"
 
         # Click a camera: the selection frustum appears and the panel shows the image and numbers.
-        panel.frusta[4]._impl.click_cb[0](None)
+        panel.frusta.handles[4]._impl.click_cb[0](None)
         assert panel.selected_view == 4 and "/extreme3d/selected" in _node_names(server)
-        info = panel.gui["view_info"].content
+        info = panel.view_info.content
         assert "data:image/jpeg;base64," in info and panel.data.names[4] in info and "confidence" in info and "fx, fy" in info
         assert labels["View"].value == panel.data.label(4)
-        labels["View"].value = NO_PAIR
+        labels["View"].value = NO_SELECTION
         assert _wait(lambda: panel.selected_view is None, lock=panel._lock) and "/extreme3d/selected" not in _node_names(server)
 
         # Pair table: filter and sort.
         counts = {c: sum(p.overlap == c for p in panel.data.pairs) for c in ("large", "small", "none")}
         labels["Overlap"].value = "none"
         assert _wait(lambda: len(panel.table_rows) == min(counts["none"], 40), lock=panel._lock)
-        assert panel.gui["pairs_table"].content.count("| none |") == min(counts["none"], 40)
+        assert panel.pairs_table.content.count("| none |") == min(counts["none"], 40)
         labels["Overlap"].value = "all"
         labels["Sort by"].value = "largest model disagreement"
-        assert _wait(lambda: panel.gui["sort"].value == "largest model disagreement" and len(panel.table_rows) == N_PAIRS, lock=panel._lock)
+        def resorted() -> bool:
+            return panel.sort_dropdown.value == "largest model disagreement" and len(panel.table_rows) == N_PAIRS
+
+        assert _wait(resorted, lock=panel._lock)
         d = [panel.data.pairs[k].model_disagreement_deg for k in panel.table_rows]
         assert d == sorted(d, reverse=True)
         panel.select_pair(panel.table_rows[0])
-        assert "/extreme3d/pair" in _node_names(server) and "Δ models" in panel.gui["pair_info"].content
+        assert "/extreme3d/pair" in _node_names(server) and "Δ models" in panel.pair_info.content
 
-        # Sizes.
-        panel.set_point_size(panel.base_point_size * 2)
-        panel.set_frustum_scale(panel.base_frustum_scale * 0.5)
-        assert len(panel.frusta) == N_VIEWS and len([n for n in _node_names(server) if n.startswith("/extreme3d/cameras/")]) == N_VIEWS
+        # Sizes (through the GUI inputs): the frusta are re-added under the same names and stay clickable.
+        labels["Point size"].value = 2.0
+        assert _wait(lambda: panel.points.point_size == pytest.approx(2 * panel.layout.point_size), lock=panel._lock)
+        labels["Frustum size"].value = 0.5
+        assert _wait(lambda: panel.frusta.scale == pytest.approx(0.5 * panel.layout.frustum_scale), lock=panel._lock)
+        cameras = [n for n in _node_names(server) if n.startswith("/extreme3d/cameras/")]
+        assert len(panel.frusta.handles) == len(cameras) == N_VIEWS
+        np.testing.assert_allclose(panel.positions(), aligned, atol=1e-9)
+        panel.frusta.handles[2]._impl.click_cb[0](None)
+        assert panel.selected_view == 2
     finally:
         viewer.stop()
 
 
-def _displayed_points(server) -> int:
-    """Points in the /extreme3d/points node a newly connecting browser receives (viser's broadcast buffer keeps
-    the latest message per node)."""
+def _last_message(server, kind: str, name: str):
+    """The message of this kind for node ``name`` that a newly connecting browser receives (viser's broadcast
+    buffer keeps the latest per kind and node)."""
+    wait_until_sent(server)  # noqa: F821 -- defined by exec above
     buf = server._websock_server._broadcast_buffer
     with buf.buffer_lock:
-        clouds = [m for _, m in sorted(buf.message_from_id.items()) if type(m).__name__ == "PointCloudMessage" and m.name == "/extreme3d/points"]
-    return len(clouds[-1].points)
+        found = [m for _, m in sorted(buf.message_from_id.items()) if type(m).__name__ == kind and m.name == name]
+    return found[-1] if found else None
+
+
+def _displayed_points(server) -> int:
+    """Points in the /extreme3d/points node a newly connecting browser receives."""
+    return len(_last_message(server, "PointCloudMessage", "/extreme3d/points").points)
 
 
 def test_confidence_percentile_slider(dataset):
@@ -540,25 +569,27 @@ def test_confidence_percentile_slider(dataset):
     try:
         panel, server = viewer.panel, viewer.server
         total = panel.state()["points_total"]
-        assert not panel.gui["percentile"].disabled and panel.visible_points == _displayed_points(server) == total > 1000
+        assert not panel.percentile_slider.disabled
+        assert panel.points.visible == _displayed_points(server) == total > 1000
         shown = {0: total}
         for p in (50, 90, 99):  # through the GUI input, as a browser would
-            panel.gui["percentile"].value = p
-            assert _wait(lambda: panel.percentile == p, lock=panel._lock)
+            panel.percentile_slider.value = p
+            assert _wait(lambda: panel.points.percentile == p, lock=panel._lock)
             shown[p] = _displayed_points(server)
-            assert shown[p] == panel.visible_points
-            assert f"showing {shown[p]:,} of {total:,} points (confidence ≥ {p}th percentile)" == panel.gui["points_info"].content
+            assert shown[p] == panel.points.visible
+            expected = f"showing {shown[p]:,} of {total:,} points (confidence ≥ {p}th percentile)"
+            assert panel.points_info.content == expected
         print("points shown per percentile:", json.dumps(shown))
-        conf = panel._pconf
+        conf = panel.points.model.conf
         for p, n in shown.items():  # exactly the points at or above that percentile of the stored confidences
             assert n == int((conf >= np.percentile(conf, p)).sum())
         assert shown[50] == pytest.approx(total / 2, rel=0.02)
         assert shown[90] == pytest.approx(total / 10, rel=0.05)
         assert shown[99] == pytest.approx(total / 100, rel=0.2)
-        kept = panel._pconf[panel._point_mask()]
+        kept = conf[panel.points.model_mask()]
         assert kept.min() >= np.percentile(conf, 99)  # the most confident points remain
         panel.set_percentile(0)
-        assert _displayed_points(server) == panel.visible_points == total
+        assert _displayed_points(server) == panel.points.visible == total
     finally:
         viewer.stop()
 
@@ -570,13 +601,13 @@ def test_old_dataset_without_point_confidence_keeps_the_slider_off(dataset_witho
     viewer = start_viewer(dataset_without_point_conf, port=free_port())
     try:
         panel = viewer.panel
-        assert panel.data.points_conf is None and panel.gui["percentile"].disabled
+        assert panel.data.points_conf is None and panel.percentile_slider.disabled
         total = panel.state()["points_total"]
-        assert panel.visible_points == _displayed_points(viewer.server) == total > 1000
-        assert "no per-point confidence in sparse_pc.ply" in panel.gui["points_info"].content
+        assert panel.points.visible == _displayed_points(viewer.server) == total > 1000
+        assert "no per-point confidence in sparse_pc.ply" in panel.points_info.content
         with pytest.raises(ValueError, match="no per-point confidence"):
             panel.set_percentile(50)
-        assert panel.visible_points == total
+        assert panel.points.visible == total
     finally:
         viewer.stop()
 
@@ -589,9 +620,261 @@ def test_plain_nerfstudio_dataset_without_diagnostics(dev_small):
     try:
         s = viewer.panel.state()
         assert s["frusta"] == N_VIEWS and s["pose_sets"] == ["aligned"] and s["pairs"] == 0 and s["points_total"] == 0
-        assert viewer.panel.gui["pose_set"].disabled and "grey" in viewer.panel.gui["legend"].content
+        assert viewer.panel.pose_dropdown.disabled and "grey" in viewer.panel.legend.content
     finally:
         viewer.stop()
+
+
+# ------------------------------------------------------------------------------------------ confidence legend
+
+
+def test_confidence_scale_greys_out_a_spread_within_noise():
+    """Frusta used to span red→green over min–max whatever the spread: 1.887 vs 1.888 looked like worst vs best."""
+    from ns_extreme.viewer.colors import confidence_scale, legend_markdown
+
+    tiny = np.array([1.887, 1.888])
+    c = confidence_colors(tiny)
+    assert tuple(c[0]) == tuple(c[1]) == UNKNOWN_COLOR
+    scale = confidence_scale(tiny)
+    assert scale.within_noise and scale.relative_spread == pytest.approx(0.001 / 1.8875)
+    legend = legend_markdown(scale)
+    assert "confidence spread within noise" in legend and "1.887 – 1.888" in legend and "under 1 %" in legend
+
+    # A real spread: distinct colours, lowest red, highest green (5th-95th percentile scale, ends clipped).
+    real = np.array([1.5, 2.0, 2.5, 3.0, 6.0])
+    c = confidence_colors(real)
+    assert len({tuple(v) for v in c}) == 5
+    assert tuple(c[0]) == (215, 48, 39) and tuple(c[-1]) == (26, 152, 80)
+    legend = legend_markdown(confidence_scale(real))
+    assert "Frustum colour = view confidence" in legend and "views: 1.5 – 6" in legend
+
+    # A few percent: different, but neighbouring hues, not the ends of the ramp.
+    few = confidence_colors(np.array([2.00, 2.04, 2.08]))
+    assert len({tuple(v) for v in few}) == 3
+    red_to_green = np.abs(np.subtract((215, 48, 39), (26, 152, 80))).sum()
+    assert np.abs(few[0].astype(int) - few[2].astype(int)).sum() < 0.5 * red_to_green
+
+    # One outlier does not squeeze the others into one colour.
+    with_outlier = confidence_colors(np.array([2.0, 2.2, 2.4, 2.6, 2.8, 3.0, 3.2, 3.4, 3.6, 40.0]))
+    assert len({tuple(v) for v in with_outlier[:-1]}) == 9
+    assert tuple(with_outlier[-1]) == (26, 152, 80)
+
+
+# ------------------------------------------------------------------------------------------ refinement (no browser)
+
+
+N_REFINED = 4
+REFINEMENT = [  # per view: what extreme_poses.json's refinement stage records
+    {"status": "refined", "reason": None, "partners": ["images/v1.png", "images/v3.png"], "inliers": 412, "tracks": 388,
+     "reproj_before_px": 1.84, "reproj_after_px": 0.62, "rotation_change_deg": 0.85, "centre_change": 0.012,
+     "focal_change": 0.012},
+    {"status": "refined", "reason": None, "partners": ["images/v0.png"], "inliers": 260, "tracks": 240,
+     "reproj_before_px": 2.5, "reproj_after_px": 0.71, "rotation_change_deg": 1.5, "centre_change": 0.02,
+     "focal_change": -0.004},
+    {"status": "kept", "reason": "too few inliers (12 < 30)", "partners": [], "inliers": 12, "tracks": 0,
+     "reproj_before_px": None, "reproj_after_px": None, "rotation_change_deg": None, "centre_change": None,
+     "focal_change": None},
+    {"status": "refined", "reason": None, "partners": ["images/v0.png"], "inliers": 301, "tracks": 290,
+     "reproj_before_px": 1.2, "reproj_after_px": 0.8, "rotation_change_deg": 0.4, "centre_change": 0.005,
+     "focal_change": 0.0},
+]  # fmt: skip
+
+
+def _look_at_w2c(centre: np.ndarray) -> np.ndarray:
+    """World-to-camera (OpenCV) of a camera at ``centre`` looking at the origin, world up = +z."""
+    z = -centre / np.linalg.norm(centre)
+    x = np.cross([0.0, 0.0, -1.0], z)
+    x /= np.linalg.norm(x)
+    R = np.stack([x, np.cross(z, x), z])
+    return np.concatenate([R, (-R @ centre)[:, None]], axis=1)
+
+
+@pytest.fixture(scope="module")
+def refined_dataset(tmp_path_factory) -> Path:
+    """A dataset as the posing pipeline writes it with bundle-adjustment refinement, built by hand: four cameras
+    around the origin (final = refined poses in transforms.json), the poses before refinement 2° / 0.15 away,
+    per-view and run refinement records, and sparse_pc.ply with 200 model points and 50 SfM points."""
+    from PIL import Image
+    from scipy.spatial.transform import Rotation
+
+    from ns_extreme.io.ply import write_ply
+    from ns_extreme.io.transforms_json import apply_world_transform, write_transforms_json
+
+    root = tmp_path_factory.mktemp("refined") / "scene"
+    (root / "images").mkdir(parents=True)
+    names = [f"images/v{i}.png" for i in range(N_REFINED)]
+    for i, name in enumerate(names):
+        Image.new("RGB", (64, 48), (60 * i, 120, 200 - 40 * i)).save(root / name)
+    angles = np.radians([0.0, 90.0, 180.0, 270.0])
+    final = np.stack([_look_at_w2c(np.array([4 * np.cos(a), 4 * np.sin(a), 1.0])) for a in angles])
+    rng = np.random.default_rng(0)
+    inputs = final.copy()
+    for i in range(N_REFINED):
+        axis = rng.standard_normal(3)
+        delta = Rotation.from_rotvec(np.radians(2.0) * axis / np.linalg.norm(axis)).as_matrix()
+        inputs[i, :, :3] = delta @ final[i, :, :3]
+        inputs[i, :, 3] = final[i, :, 3] + 0.15 * rng.standard_normal(3)
+    pretrained = final.copy()
+    pretrained[:, :, 3] += 0.5
+    K = np.tile(np.array([[60.0, 0, 32], [0, 60.0, 24], [0, 0, 1]]), (N_REFINED, 1, 1))
+    input_K = K.copy()
+    input_K[:, :2, :2] *= 1.01
+    applied = np.array([[1.0, 0, 0, 0], [0, 0, 1, 0], [0, -1, 0, 0]])  # (x, y, z) -> (x, z, -y), like COLMAP input
+    write_transforms_json(root / "transforms.json", names, final, K, np.tile([64, 48], (N_REFINED, 1)),
+                          applied_transform=applied, ply_file_path="sparse_pc.ply",
+                          extra={"ns_extreme": "extreme_poses.json"})  # fmt: skip
+    xyz = rng.uniform(-1, 1, (250, 3))
+    source = np.zeros(250, dtype=np.uint8)
+    source[rng.choice(250, 50, replace=False)] = 1
+    rgb = rng.integers(0, 256, (250, 3)).astype(np.uint8)
+    conf = np.where(source == 1, 100.0, rng.uniform(1, 5, 250)).astype(np.float32)  # SfM confidence: another scale
+    write_ply(root / "sparse_pc.ply", apply_world_transform(applied, xyz), rgb,
+              extra={"confidence": conf, "source": source})  # fmt: skip
+    views = [
+        {"file": names[i], "confidence": [1.5, 2.5, 4.0, 6.0][i], "intrinsics_source": "predicted",
+         "w2c_opencv": final[i].tolist(), "K": K[i].tolist(), "input_w2c_opencv": inputs[i].tolist(),
+         "input_K": input_K[i].tolist(), "pretrained_w2c_opencv": pretrained[i].tolist(), "refinement": REFINEMENT[i]}
+        for i in range(N_REFINED)
+    ]  # fmt: skip
+    pairs = [{"i": i, "j": j, "angle_deg": 90.0 * (j - i), "overlap": "small"}
+             for i in range(N_REFINED) for j in range(i + 1, N_REFINED)]  # fmt: skip
+    refinement = {
+        "status": "refined", "warning": None, "views_refined": 3, "views_kept": 1, "median_reproj_px": 0.71,
+        "pairs": [{"i": 0, "j": 1, "inliers": 412, "rotation_disagreement_deg": 1.3, "accepted": True},
+                  {"i": 0, "j": 2, "inliers": 12, "rotation_disagreement_deg": 40.0, "accepted": False}],
+        "timings_s": {"matching": 1.0, "bundle_adjustment": 0.5},
+    }  # fmt: skip
+    prov = {"backbone": "vggt", "views": views, "pairs": pairs, "refinement": refinement}
+    (root / "extreme_poses.json").write_text(json.dumps(prov, indent=1))
+    return root
+
+
+def test_refinement_dataset_is_read(refined_dataset):
+    data = load_scene(refined_dataset)
+    prov = json.loads((refined_dataset / "extreme_poses.json").read_text())
+    assert list(data.poses) == ["aligned", "input", "pretrained"]
+    for i, view in enumerate(prov["views"]):
+        np.testing.assert_allclose(data.poses["input"][i], view["input_w2c_opencv"])
+        np.testing.assert_allclose(data.input_K[i], view["input_K"])
+        assert data.view_refinement[i].status == REFINEMENT[i]["status"]
+    assert data.refinement.views_refined == 3 and data.refinement.median_reproj_px == 0.71
+    assert [(p.i, p.j, p.accepted) for p in data.refinement.pairs] == [(0, 1, True), (0, 2, False)]
+    _, _, extra = read_ply(refined_dataset / "sparse_pc.ply")
+    np.testing.assert_array_equal(data.points_sfm, extra["source"] == 1)
+    assert data.points_sfm.sum() == 50
+
+
+def _refined_viewer(refined_dataset):
+    from ns_extreme.viewer.standalone import start_viewer
+
+    return start_viewer(refined_dataset, port=free_port())
+
+
+def test_cameras_toggle_moves_the_frusta_to_the_input_poses(refined_dataset):
+    import viser.transforms as vtf
+
+    with _refined_viewer(refined_dataset) as viewer:
+        panel, labels = viewer.panel, _gui_labels(viewer.server)
+        assert labels["Poses"].options == ("refined", "input (before refinement)", "pretrained")
+        assert labels["Poses"].value == "refined" and not labels["Poses"].disabled
+        refined = panel.positions()
+
+        labels["Poses"].value = "input (before refinement)"  # as a browser would
+        assert _wait(lambda: panel.pose_set == "input", lock=panel._lock)
+        # Independently of the panel's own maths: centre -Rᵀt of each input pose, through the display frame.
+        prov = json.loads((refined_dataset / "extreme_poses.json").read_text())
+        w2c = np.array([v["input_w2c_opencv"] for v in prov["views"]])
+        centres = -np.einsum("nji,nj->ni", w2c[:, :, :3], w2c[:, :, 3])
+        f = panel.frame
+        np.testing.assert_allclose(panel.positions(), f.s * (centres @ f.R.T + f.t), atol=1e-9)
+        for i, handle in enumerate(panel.frusta.handles):
+            np.testing.assert_allclose(vtf.SO3(handle.wxyz).as_matrix(), f.R @ w2c[i, :, :3].T, atol=1e-9)
+        moved = np.linalg.norm(panel.positions() - refined, axis=1)
+        assert np.all(moved > 1e-3)
+        # What a browser receives: the frusta's last position messages are the input poses.
+        for i in range(N_REFINED):
+            sent = _last_message(viewer.server, "SetPositionMessage", f"/extreme3d/cameras/{i:04d}")
+            np.testing.assert_allclose(sent.position, panel.positions()[i], atol=1e-6)
+
+        panel.set_pose_set("aligned")
+        np.testing.assert_allclose(panel.positions(), refined, atol=1e-12)
+        assert labels["Poses"].value == "refined"
+
+
+def test_clicked_view_shows_its_refinement_numbers(refined_dataset):
+    with _refined_viewer(refined_dataset) as viewer:
+        panel = viewer.panel
+        panel.frusta.handles[0]._impl.click_cb[0](None)  # a click on camera 0
+        info = panel.view_info.content
+        for snippet in ("| refinement | **refined** |", "`images/v1.png`, `images/v3.png`",
+                        "| inliers / tracks | 412 / 388 |", "1.84 px → 0.62 px", "| rotation change | 0.85° |",
+                        "1.20 % of the scene extent", "| focal change | +1.20 % |",
+                        "| fx, fy | 60.0, 60.0 |", "| fx, fy before refinement | 60.6, 60.6 |"):  # fmt: skip
+            assert snippet in info, snippet
+        panel.frusta.handles[2]._impl.click_cb[0](None)
+        info = panel.view_info.content
+        assert "**kept** (too few inliers (12 < 30))" in info and "– px → – px" in info
+        assert "| inliers / tracks | 12 / 0 |" in info
+
+        summary = panel.summary.content
+        assert "refinement: **3 refined**, 1 kept, median reprojection error 0.71 px" in summary
+        assert "200 model points + 50 SfM points" in summary
+        assert "pose sets: refined + input (before refinement) + pretrained" in summary
+        # The pair browser names the feature matching's verdict on a pair.
+        k = next(k for k, p in enumerate(panel.data.pairs) if {p.i, p.j} == {0, 2})
+        panel.select_pair(k)
+        verdict = "feature matches: 12 inliers, rotation disagreement 40.0°, rejected by the refinement"
+        assert verdict in panel.pair_info.content
+        # Four views at confidence 1.5 ... 6: a real spread, four colours.
+        assert len({panel.frusta.color(i) for i in range(N_REFINED)}) == N_REFINED
+
+
+def test_points_filter_shows_exactly_the_sfm_points(refined_dataset):
+    from ns_extreme.viewer.point_layers import SFM_HIGHLIGHT_COLOR
+
+    xyz_saved, rgb, extra = read_ply(refined_dataset / "sparse_pc.ply")
+    sfm = extra["source"] == 1
+    with _refined_viewer(refined_dataset) as viewer:
+        panel, server, labels = viewer.panel, viewer.server, _gui_labels(viewer.server)
+        data = panel.data
+        expected_sfm = panel.frame.points(data.points_xyz[sfm])
+        A = data.applied_transform
+        np.testing.assert_allclose(data.points_xyz[sfm] @ A[:, :3].T + A[:, 3], xyz_saved[sfm], atol=1e-5)
+
+        def shown(name: str):
+            """(points, colours) of the node as a browser receives it, None when hidden."""
+            visible = _last_message(server, "SetSceneNodeVisibilityMessage", name)
+            cloud = _last_message(server, "PointCloudMessage", name)
+            return None if not visible.visible else (cloud.points, cloud.colors)
+
+        def same_points(a: np.ndarray, b: np.ndarray) -> bool:
+            return a.shape == b.shape and np.allclose(a[np.lexsort(a.T)], b[np.lexsort(b.T)], atol=1e-4)
+
+        assert labels["Show points"].options == ("both", "SfM", "3DFM")
+        assert same_points(shown("/extreme3d/points_sfm")[0], expected_sfm)
+        assert len(shown("/extreme3d/points")[0]) == 200
+
+        labels["Show points"].value = "SfM"
+        assert _wait(lambda: panel.points.shown == "SfM", lock=panel._lock)
+        assert shown("/extreme3d/points") is None
+        points, colors = shown("/extreme3d/points_sfm")
+        assert same_points(points, expected_sfm)
+        # In their image colours.
+        np.testing.assert_array_equal(colors[np.lexsort(points.T)], rgb[sfm][np.lexsort(expected_sfm.T)])
+        assert panel.state()["points_visible"] == 50 and "0 of 200 model points" in panel.points_info.content
+
+        # The confidence filter thins the model's points only: SfM points stay, whatever their confidence.
+        labels["Show points"].value = "both"
+        labels["Conf. percentile"].value = 90
+        assert _wait(lambda: panel.points.percentile == 90 and panel.points.shown == "both", lock=panel._lock)
+        assert len(shown("/extreme3d/points")[0]) == 20 and same_points(shown("/extreme3d/points_sfm")[0], expected_sfm)
+        assert "20 of 200 model points (circles) and 50 of 50 SfM points (diamonds)" in panel.points_info.content
+
+        labels["Highlight SfM"].value = True
+        assert _wait(lambda: panel.points.sfm_highlighted, lock=panel._lock)
+        assert np.all(shown("/extreme3d/points_sfm")[1] == SFM_HIGHLIGHT_COLOR)
+        panel.show_points("3DFM")
+        assert shown("/extreme3d/points_sfm") is None and len(shown("/extreme3d/points")[0]) == 20
 
 
 # ------------------------------------------------------------------------------------------ nerfstudio hook (no browser)
@@ -628,14 +911,14 @@ def test_dataparser_is_a_viewer_control_and_draws_in_the_training_frame(dataset)
         parser._setup(Viewer())
         panel = parser.extreme_panel
         assert panel is not None and parser.viser_server is server and panel.state()["frusta"] == N_VIEWS
-        ours = {panel.data.image_paths[i].name: h for i, h in enumerate(panel.frusta)}
+        ours = {panel.data.image_paths[i].name: h for i, h in enumerate(panel.frusta.handles)}
         for k, path in enumerate(outputs.image_filenames):
             c2w = outputs.cameras.camera_to_worlds[k].double().numpy()
             R = vtf.SO3.from_matrix(c2w[:3, :3]) @ vtf.SO3.from_x_radians(np.pi)
             h = ours[path.name]
             np.testing.assert_allclose(h.position, c2w[:3, 3] * VISER_NERFSTUDIO_SCALE_RATIO, atol=1e-4)
             assert abs(float(np.dot(h.wxyz, R.wxyz))) == pytest.approx(1.0, abs=1e-6)
-        pts = panel._pts.astype(np.float64)
+        pts = panel.points.model.xyz.astype(np.float64)
         seed = outputs.metadata["points3D_xyz"].double().numpy() * VISER_NERFSTUDIO_SCALE_RATIO
         np.testing.assert_allclose(pts, seed, rtol=1e-4, atol=1e-4 * np.abs(seed).max())
     finally:
@@ -673,19 +956,19 @@ def test_standalone_viewer_in_chromium(dataset, browser, empty_screenshot):
         assert viewer.port == port and viewer.url == f"http://127.0.0.1:{port}"
         panel = viewer.panel
         panel.select_view(4)  # what a click on camera 4 does
-        panel.select_pair(panel._sorted_pairs()[0])
+        panel.select_pair(panel.sorted_pairs()[0])
         panel.set_percentile(50)
-        colours = [panel._frustum_color(i) for i in range(N_VIEWS)] + [SELECTED_COLOR]
+        colours = [panel.frusta.color(i) for i in range(N_VIEWS)] + [SELECTED_COLOR]
         img, stats = capture_scene(browser, viewer.url, ARTIFACTS / "standalone_viewer.png", colours, empty_screenshot)
         print("standalone:", json.dumps({"up_s": up_s, **viewer.timings_s, **stats}))
         # The panel as the browser renders it.
         text = browser.text()
         total = panel.state()["points_total"]
-        for snippet in ("Extreme poses", "9 views", "36 pairs", "Frustum colour = view confidence", "Conf. percentile",
-                        f"showing {panel.visible_points:,} of {total:,} points (confidence ≥ 50th percentile)",
+        for snippet in ("Extreme poses", "9 views", "36 pairs", "confidence spread within noise", "Conf. percentile",
+                        f"showing {panel.points.visible:,} of {total:,} points (confidence ≥ 50th percentile)",
                         "Selected view", panel.data.names[4], "Pairs", "Δ models"):  # fmt: skip
             assert snippet in text, snippet
-        assert 0 < panel.visible_points < total
+        assert 0 < panel.points.visible < total
         # Server side, while the browser was connected.
         assert panel.state()["frusta"] == N_VIEWS and len([n for n in _node_names(viewer.server) if n.startswith("/extreme3d/")]) == N_VIEWS + 3
         # The screenshot shows the scene, not a blank page.
@@ -880,7 +1163,7 @@ NS_VIEWER_SCRIPT = textwrap.dedent(
             "port": server.get_port(),
             "controls": [type(c).__name__ for c in viewer.viewer_controls],
             "panel": None if panel is None else panel.state(),
-            "percentile_enabled": None if panel is None else not panel.gui["percentile"].disabled,
+            "percentile_enabled": None if panel is None else not panel.percentile_slider.disabled,
             "extreme_nodes": sorted(n for n in nodes if n.startswith("/extreme3d/")),
             "node_kinds": sorted({f"{n.split('/')[1]}:{k}" for n, k in nodes.items()}),
             "stock_cameras": len(stock),
@@ -889,7 +1172,7 @@ NS_VIEWER_SCRIPT = textwrap.dedent(
         }
         if panel is not None:
             names = [p.name for p in trainer.pipeline.datamanager.train_dataparser_outputs.image_filenames]
-            ours = {panel.data.image_paths[i].name: h for i, h in enumerate(panel.frusta)}
+            ours = {panel.data.image_paths[i].name: h for i, h in enumerate(panel.frusta.handles)}
             dpos, drot = [], []
             for name, h in stock.items():
                 o = ours[names[int(name.rsplit("_", 1)[1])]]

@@ -24,7 +24,7 @@ model's original world to the training frame, like nerfstudio's.
 
 Viewer: the parser is also a nerfstudio ``ViewerControl``. nerfstudio's viewer finds it as
 ``pipeline.datamanager.dataparser`` and calls ``_setup(viewer)``, which adds the "Extreme poses" panel
-(``ns_extreme.viewer.scene``: confidence-coloured frusta, seed point cloud, pretrained/aligned toggle, pair
+(``ns_extreme.viewer.panel``: confidence-coloured frusta, seed point cloud, pretrained/aligned toggle, pair
 table) drawn in the training frame (``display_frame()``), with any method (splatfacto, nerfacto, ...), in
 ``ns-train`` and ``ns-viewer``. A failure there is reported and never stops the stock viewer.
 
@@ -192,10 +192,12 @@ class Extreme3DDataParser(DataParser, ViewerControl):
 
     def build_viewer_panel(self, server: Any) -> Any:
         """Draw the dataset's cameras, points and diagnostics on ``server`` in the training frame (x10, like
-        nerfstudio's viewer); returns the ``ns_extreme.viewer.scene.ExtremePanel``."""
+        nerfstudio's viewer); returns the ``ns_extreme.viewer.panel.ExtremePanel``."""
         from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 
-        from ns_extreme.viewer.scene import ExtremePanel, load_scene, nerfstudio_frame
+        from ns_extreme.viewer.frames import nerfstudio_frame
+        from ns_extreme.viewer.panel import ExtremePanel
+        from ns_extreme.viewer.scene_data import load_scene
 
         frame = self.display_frame()
         data = load_scene(frame.transforms_json)

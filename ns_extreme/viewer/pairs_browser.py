@@ -29,7 +29,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ns_extreme.viewer.scene import image_data_url, thumbnail_array
+from ns_extreme.geometry.rotations import geodesic_angle_deg
+from ns_extreme.viewer.images import image_data_url, thumbnail_array
 
 __all__ = ["REPORT_FORMAT", "PairsBrowser", "load_report", "serve_pairs_browser", "start_pairs_browser"]
 
@@ -138,10 +139,6 @@ def _load_pair_views(report: dict[str, Any]) -> list[Optional[tuple[_View, _View
         if v1 is not None and v2 is not None:
             out[k] = (v1, v2)
     return out
-
-
-def _angle_deg(R: np.ndarray) -> float:
-    return math.degrees(math.acos(min(1.0, max(-1.0, (float(np.trace(R)) - 1.0) / 2.0))))
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -387,7 +384,7 @@ class PairsBrowser:
             err = (p.get("errors_deg") or {}).get(label)
             extra = ""
             if label in preds and R_gt is not None:
-                extra = f" (check: {_angle_deg(preds[label] @ R_gt.T):.1f}°)"
+                extra = f" (check: {geodesic_angle_deg(preds[label], R_gt):.1f}°)"
             rows.append((label, f"predicted {_fmt(pred)}°, error **{_fmt(err)}°**{extra}"))
         table = "| | |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows)
         return " ".join(imgs) + "\n\n" + table

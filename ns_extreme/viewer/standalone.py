@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ns_extreme.viewer.scene import ExtremePanel, load_scene, standalone_frame
+from ns_extreme.viewer.frames import standalone_frame
+from ns_extreme.viewer.panel import ExtremePanel
+from ns_extreme.viewer.scene_data import load_scene
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -58,7 +60,9 @@ def start_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, label: Opti
             # psutil.NoSuchProcess when one exits meanwhile; nothing is bound yet at that point, so just retry.
             if type(exc).__name__ != "NoSuchProcess" or attempt == 4:
                 raise
-    server.gui.configure_theme(control_layout="collapsible", control_width="large", dark_mode=False, show_share_button=False)
+    server.gui.configure_theme(
+        control_layout="collapsible", control_width="large", dark_mode=False, show_share_button=False
+    )
     return server, int(server.get_port())
 
 
