@@ -764,6 +764,24 @@ def test_refinement_dataset_is_read(refined_dataset):
     assert data.points_sfm.sum() == 50
 
 
+def test_refinement_off_or_failed_is_said_plainly(refined_dataset):
+    """New datasets posed without refinement record {"status": "off"}: the summary stays as it always was. A failed
+    refinement keeps the input poses: the final set is not called "refined"."""
+    import dataclasses
+
+    from ns_extreme.viewer.panel_text import pose_set_labels, summary_markdown
+
+    data = load_scene(refined_dataset)
+    data.refinement = dataclasses.replace(data.refinement, status="off")
+    without_input = {k: v for k, v in data.poses.items() if k != "input"}
+    summary = summary_markdown(dataclasses.replace(data, poses=without_input, view_refinement=None))
+    assert "refinement" not in summary and "pose sets: aligned + pretrained" in summary
+    data.refinement = dataclasses.replace(data.refinement, status="failed", warning="no verified pairs")
+    assert "refinement: **failed**  \n⚠ no verified pairs" in summary_markdown(data)
+    labels = list(pose_set_labels(data).values())
+    assert labels == ["final (refinement failed)", "input (before refinement)", "pretrained"]
+
+
 def _refined_viewer(refined_dataset):
     from ns_extreme.viewer.standalone import start_viewer
 
@@ -978,6 +996,30 @@ def test_standalone_viewer_in_chromium(dataset, browser, empty_screenshot):
         assert colour_pixels(canvas(empty_screenshot), colours) < 20 and scene_stats(empty_screenshot, colours, None)["saturated_pixels"] < 50
     finally:
         viewer.stop()
+
+
+@pytest.mark.browser
+def test_refinement_in_chromium(refined_dataset, browser, empty_screenshot):
+    """A refined dataset as a user sees it: SfM points as highlighted diamonds among the model's circles, camera 0
+    selected with its refinement numbers."""
+    from ns_extreme.viewer.point_layers import SFM_HIGHLIGHT_COLOR
+
+    with _refined_viewer(refined_dataset) as viewer:
+        panel = viewer.panel
+        panel.select_view(0)
+        panel.highlight_sfm_points(True)
+        panel.set_point_size(4 * panel.layout.point_size)  # 250 points only: large enough to see
+        colours = [panel.frusta.color(i) for i in range(N_REFINED)] + [SELECTED_COLOR]
+        img, stats = capture_scene(browser, viewer.url, ARTIFACTS / "refinement_viewer.png", colours, empty_screenshot,
+                                   scroll_to="Points")  # fmt: skip
+        print("refinement viewer:", json.dumps(stats))
+        text = browser.text()
+        for snippet in ("refinement: 3 refined, 1 kept, median reprojection error 0.71 px", "Show points",
+                        "Highlight SfM", "50 of 50 SfM points (diamonds)", "reprojection error", "1.84 px → 0.62 px",
+                        "matched with"):  # fmt: skip
+            assert snippet in text, snippet
+        assert stats["frustum_colour_pixels"] >= 150 and stats["changed_pixels_vs_empty"] >= 1000, stats
+        assert colour_pixels(canvas(img), [SFM_HIGHLIGHT_COLOR], tol=40) >= 30
 
 
 def test_ns_extreme_view_command(dataset, tmp_path):

@@ -228,37 +228,40 @@ class ExtremePanel:
             if name == self.pose_set:
                 return
             self.frusta.show_pose_set(name)
-            self.pose_dropdown.value = self.pose_labels[name]
+            _show_value(self.pose_dropdown, self.pose_labels[name])
 
     def set_frustum_scale(self, scale: float) -> None:
         with self._lock:
             if abs(float(scale) - self.frusta.scale) > 1e-12:
                 self.frusta.set_scale(float(scale))
+            _show_value(self.frustum_size, float(scale) / self.layout.frustum_scale)
 
     def set_percentile(self, percentile: float) -> None:
         with self._lock:
             self.points.set_percentile(float(percentile))
-            if self.percentile_slider.value != percentile:
-                self.percentile_slider.value = float(percentile)
+            _show_value(self.percentile_slider, float(percentile))
             self.points_info.content = points_markdown(self.points)
 
     def set_point_size(self, size: float) -> None:
         with self._lock:
             if abs(float(size) - self.points.point_size) > 1e-12:
                 self.points.set_point_size(float(size))
+            _show_value(self.point_size_slider, float(size) / self.layout.point_size)
 
     def show_points(self, shown: PointsShown) -> None:
         """Which point layers to show: "both", "SfM" or "3DFM"."""
         with self._lock:
             self.points.show(shown)
-            if self.points_dropdown is not None and self.points_dropdown.value != shown:
-                self.points_dropdown.value = shown
+            if self.points_dropdown is not None:
+                _show_value(self.points_dropdown, shown)
             self.points_info.content = points_markdown(self.points)
 
     def highlight_sfm_points(self, on: bool) -> None:
         with self._lock:
             if bool(on) != self.points.sfm_highlighted:
                 self.points.highlight_sfm(bool(on))
+            if self.sfm_highlight_checkbox is not None:
+                _show_value(self.sfm_highlight_checkbox, bool(on))
 
     def select_view(self, i: Optional[int]) -> None:
         """Highlight view ``i`` (None: clear) and show its image and numbers in the panel."""
@@ -266,9 +269,7 @@ class ExtremePanel:
             if i == self.selected_view:
                 return
             self.frusta.select(i)
-            label = NO_SELECTION if i is None else self.data.label(i)
-            if self.view_dropdown.value != label:
-                self.view_dropdown.value = label
+            _show_value(self.view_dropdown, NO_SELECTION if i is None else self.data.label(i))
             self.view_info.content = view_markdown(self.data, i, self._thumbnail(i) if i is not None else "")
 
     def _thumbnail(self, i: int) -> str:
@@ -313,9 +314,7 @@ class ExtremePanel:
                 self.frusta.link(None)
                 self.pair_info.content = ""
             k = self.selected_pair
-            current = NO_SELECTION if k is None else pair_label(self.data, self.data.pairs[k])
-            if self.pair_dropdown.value != current:
-                self.pair_dropdown.value = current
+            _show_value(self.pair_dropdown, NO_SELECTION if k is None else pair_label(self.data, self.data.pairs[k]))
 
     def select_pair(self, k: Optional[int]) -> None:
         """Link the two cameras of pair ``k`` (index into ``data.pairs``) and show its numbers."""
@@ -326,9 +325,7 @@ class ExtremePanel:
             if k is not None and k not in self._pair_options.values():  # filtered out: show all again
                 self.overlap_dropdown.value = "all"
                 self.refresh_pairs()
-            label = NO_SELECTION if k is None else pair_label(self.data, self.data.pairs[k])
-            if self.pair_dropdown.value != label:
-                self.pair_dropdown.value = label
+            _show_value(self.pair_dropdown, NO_SELECTION if k is None else pair_label(self.data, self.data.pairs[k]))
             self.frusta.link(None if k is None else (self.data.pairs[k].i, self.data.pairs[k].j))
             self.pair_info.content = "" if k is None else pair_markdown(self.data, k)
 
@@ -358,6 +355,13 @@ class ExtremePanel:
             self.frusta.remove()
             self.points.remove()
             self.folder.remove()
+
+
+def _show_value(handle: viser.GuiInputHandle[T], value: T) -> None:
+    """Make a GUI input show a state set from code. Only on a change: setting a value runs the input's callback,
+    which then finds the panel in that state already and does nothing."""
+    if handle.value != value:
+        handle.value = value
 
 
 def _nan_low(v: Optional[float]) -> float:

@@ -61,7 +61,7 @@ def summary_markdown(data: SceneData) -> str:
         parts.append(f"model: {model.backbone or '?'}, alignment: {model.alignment or '?'}")
     if model is not None and model.licence:
         parts.append(f"weights licence: {model.licence}")
-    if data.refinement is not None:
+    if data.refinement is not None and data.refinement.status != "off":  # "off" is what every unrefined run says
         parts.append(_refinement_summary(data.refinement))
     if len(data.poses) > 1:
         parts.append("pose sets: " + " + ".join(pose_set_labels(data).values()))
@@ -107,10 +107,10 @@ def view_markdown(data: SceneData, i: Optional[int], thumbnail: str) -> str:
         rows.append(("confidence", f"{fmt(float(c[i]), 4)} (rank {rank} of {len(finite)})"))
     if data.intrinsics_source is not None and data.intrinsics_source[i]:
         rows.append(("intrinsics", data.intrinsics_source[i]))
-    rows.append(("centre (model world)", ", ".join(f"{v:.3g}" for v in camera_centres(w2c[None])[0])))
+    rows.append(("centre (model world)", ", ".join(f"{v + 0.0:.3g}" for v in camera_centres(w2c[None])[0])))  # no -0
     if data.has_pretrained:
         angle = geodesic_angle_deg(w2c[:3, :3], data.poses["pretrained"][i][:3, :3])
-        rows.append(("aligned vs pretrained", f"{angle:.1f}° rotation"))
+        rows.append((f"{pose_set_labels(data)['aligned']} vs pretrained", f"{angle:.1f}° rotation"))
     refinement = data.view_refinement[i] if data.view_refinement is not None else None
     if refinement is not None:
         rows += _refinement_rows(refinement)
