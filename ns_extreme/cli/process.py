@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import resource
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import tyro
 from typing_extensions import Annotated
 
 from ns_extreme.cli.runtime import jsonable, rearm_interrupt_signals, run_cli
+from ns_extreme.io.video import DEFAULT_NUM_FRAMES_TARGET, VIDEO_SUFFIXES, is_video_file
 from ns_extreme.posing.options import PosingOptions
 
 TINY_TARGET_SIZE = 140
@@ -60,7 +63,7 @@ class PoseModelOptions:
 _UNSUPPORTED = {
     (".heic", ".heif", ".avif"): "HEIC/HEIF/AVIF photos are not read: convert them to JPEG first (e.g. `heif-convert`, or export as JPEG)",
     (".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"): "camera RAW files are not read: export them as JPEG/PNG/TIFF first",
-    (".mp4", ".mov", ".avi", ".mkv", ".webm"): "videos are not read: extract frames first, e.g. with `ns-process-data video`",
+    (".mp4", ".mov", ".avi", ".mkv", ".webm"): "videos in a folder are not read: pass one video file itself as --data",
 }
 
 
@@ -119,9 +122,13 @@ class ExtremePoses:
     `ns-train splatfacto --data OUTPUT_DIR` or `ns-train splatfacto extreme3d --data OUTPUT_DIR`."""
 
     data: Path
-    """Folder of images (JPEG/PNG/WebP/BMP/TIFF, any sizes; EXIF orientation honoured; at least 2)."""
+    """Folder of images (JPEG/PNG/WebP/BMP/TIFF, any sizes; EXIF orientation honoured; at least 2), or a video file
+    (mp4/mov/mkv/webm/avi): frames are sampled evenly (see --num-frames-target), blurry ones skipped."""
     output_dir: Path
     """Dataset folder to create (written atomically; refuses an existing folder without --overwrite)."""
+    num_frames_target: int = DEFAULT_NUM_FRAMES_TARGET
+    """Video --data only: how many frames to take, evenly spread over the video (all when it has fewer); each is
+    the sharpest of a few consecutive frames around its position."""
     backbone: Annotated[PoseModelOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PoseModelOptions)
     posing: Annotated[PosingOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PosingOptions)
     compare_pretrained: bool = False
@@ -146,21 +153,24 @@ class ExtremePoses:
 
         data = Path(self.data)
         if not data.exists():
-            raise FileNotFoundError(f"--data: image folder not found: {data}")
-        if not data.is_dir():
+            raise FileNotFoundError(f"--data: {'video' if is_video_file(data) else 'image folder'} not found: {data}")
+        video = data if data.is_file() and is_video_file(data) else None
+        if not data.is_dir() and video is None:
             raise ValueError(
-                f"--data must be a folder of images, got a file: {data} (video input is not supported yet: "
-                "extract frames first, e.g. with `ns-process-data video`)"
+                f"--data must be a folder of images or a video file ({', '.join(VIDEO_SUFFIXES)}), got a file: {data}"
             )
         out = Path(self.output_dir).absolute()
         src = data.absolute()
         if out == src or out in src.parents:
-            raise ValueError(f"--output-dir {self.output_dir} contains the input images; choose another folder")
+            what = "video" if video else "images"
+            raise ValueError(f"--output-dir {self.output_dir} contains the input {what}; choose another folder")
         if (out.exists() or out.is_symlink()) and not self.overwrite:
             raise OutputExistsError(f"output folder already exists: {self.output_dir} (pass --overwrite to replace it)")
         if (out.exists() or out.is_symlink()) and (out.is_symlink() or not out.is_dir()):
             raise OutputExistsError(f"--output-dir {out} exists and is not a folder; refusing to replace it")
         check_output_location(out, "--output-dir")
+        if video is not None:
+            data = self._extract_video_frames(video)
         listing = scan_images(data)
         console = self._console()
         self._skipped = [p.name for p in listing.skipped]
@@ -191,12 +201,37 @@ class ExtremePoses:
             )
         return list(screen.usable)
 
+    def _extract_video_frames(self, video: Path) -> Path:
+        """Sample the video's frames into a temporary folder (removed when ``main`` ends); returns the folder."""
+        from ns_extreme.io.video import extract_frames
+
+        self._frames_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_frames_"))
+        frames = extract_frames(video, self._frames_dir, self.num_frames_target, progress=True)
+        self._video = {
+            "file": str(video.absolute()),
+            "frames_in_video": frames.video_frames,
+            "num_frames_target": self.num_frames_target,
+            "source_frame_indices": frames.source_indices,
+        }
+        if len(frames.paths) < 2:
+            raise ValueError(f"--data {video}: the video gave {len(frames.paths)} frame(s); posing needs at least 2")
+        return self._frames_dir
+
     def _console(self):
         from rich.console import Console
 
         return Console(soft_wrap=True)
 
     def main(self) -> None:
+        self._frames_dir: Optional[Path] = None
+        self._video: Optional[dict] = None
+        try:
+            self._pose_and_write()
+        finally:
+            if self._frames_dir is not None:
+                shutil.rmtree(self._frames_dir, ignore_errors=True)
+
+    def _pose_and_write(self) -> None:
         from rich.markup import escape
         from rich.table import Table
 
@@ -240,6 +275,7 @@ class ExtremePoses:
                 "images": recon.num_views,
                 "skipped_files": self._skipped,
                 "skipped_reasons": self._skip_reasons,
+                "video": self._video,
             },
             "skipped_images": self._skipped_images,
             "compare_pretrained": self.compare_pretrained,
