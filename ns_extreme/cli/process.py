@@ -114,6 +114,18 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
     return backbone, compare, report
 
 
+def fetch_weights(opts: PoseModelOptions) -> None:
+    """Bring Hugging Face weights into the local cache (one progress bar) before any status spinner starts:
+    rich's spinner would hold huggingface_hub's progress bar back until the download ends."""
+    from ns_extreme.models import get_spec
+    from ns_extreme.models.loading import RANDOM_WEIGHTS
+    from ns_extreme.models.weights import resolve_weights
+
+    weights = opts.weights or get_spec(opts.model).default_weights
+    if weights != RANDOM_WEIGHTS:
+        resolve_weights(weights)
+
+
 @dataclass
 class ExtremePoses:
     """Pose a sparse photo collection (any view overlap) with a bias-aligned VGGT and write a nerfstudio
@@ -248,6 +260,7 @@ class ExtremePoses:
         if self.posing.poses_from is not None and not Path(self.posing.poses_from).exists():
             raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")
 
+        fetch_weights(self.backbone)
         with console.status(f"loading {self.backbone.model} model ..."):
             t = time.perf_counter()
             backbone, compare, report = load_backbones(self.backbone, self.compare_pretrained, say=console.print)

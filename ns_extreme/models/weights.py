@@ -57,21 +57,25 @@ def resolve_weights(weights: str | os.PathLike) -> ResolvedWeights:
 
 
 def _download(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    """The weights file of a Hugging Face repository: from the cache, else downloaded once (fails in seconds
+    when the Hub cannot be reached; see ``ns_extreme.models.hub``)."""
+    from ns_extreme.models import hub
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    # Cache first: it is instant, while an unreachable hub costs several retries.
-    for local_only in (True,) if offline else (True, False):
-        for name in WEIGHT_FILENAMES[:2]:
-            try:
-                return Path(hf_hub_download(repo_id, name, local_files_only=local_only))
-            except (LocalEntryNotFoundError, EntryNotFoundError):
-                continue
-            except RepositoryNotFoundError as err:
-                raise WeightsNotFoundError(f"Hugging Face repository {repo_id!r} not found or gated: {err}") from None
-    mode = "offline mode (HF_HUB_OFFLINE=1)" if offline else "no network connection to the Hugging Face Hub"
-    raise WeightsNotFoundError(f"weights {repo_id!r} are not in the local cache and cannot be downloaded ({mode}). " + _how_to_get(repo_id))
+    names = WEIGHT_FILENAMES[:2]
+    with hub.quiet_hub():
+        found = hub.cached_file(repo_id, names)
+    if found is not None:
+        return found
+    if hub.hub_offline():
+        reason = "offline mode (HF_HUB_OFFLINE=1)"
+    else:
+        try:
+            return hub.download(repo_id, hub.find_on_hub(repo_id, names))
+        except hub.HubUnreachableError as err:
+            reason = str(err)
+    raise WeightsNotFoundError(
+        f"weights {repo_id!r} are not in the local cache and cannot be downloaded ({reason}). " + _how_to_get(repo_id)
+    )
 
 
 def fingerprint(path: Path, chunk: int = 1 << 20) -> str:
