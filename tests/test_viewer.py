@@ -332,17 +332,30 @@ def dataset(tmp_path_factory, dev_small, one_thread) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def dataset_without_point_conf(dataset, tmp_path_factory) -> Path:
-    """The same dataset as an older ns_extreme (or another tool) wrote it: sparse_pc.ply with x y z red green
-    blue only, no per-point ``confidence``."""
-    from ns_extreme.io.ply import read_ply, write_ply
+def pose_sets_in(dataset: Path) -> list[str]:
+    """The pose sets a dataset's extreme_poses.json holds, read directly: final, before refinement, pretrained."""
+    view = json.loads((dataset / "extreme_poses.json").read_text())["views"][0]
+    keys = {"aligned": "w2c_opencv", "input": "input_w2c_opencv", "pretrained": "pretrained_w2c_opencv"}
+    return [name for name, key in keys.items() if key in view]
 
-    out = tmp_path_factory.mktemp("viewer_no_conf") / "castle"
+
+@pytest.fixture(scope="module")
+def old_format_dataset(dataset, tmp_path_factory) -> Path:
+    """The same dataset as an older ns_extreme (or another tool) wrote it: sparse_pc.ply with x y z red green
+    blue only (no per-point ``confidence`` or ``source``), extreme_poses.json without refinement records."""
+    from ns_extreme.io.ply import write_ply
+
+    out = tmp_path_factory.mktemp("viewer_old_format") / "castle"
     shutil.copytree(dataset, out)
     xyz, rgb, extra = read_ply(out / "sparse_pc.ply")
     assert "confidence" in extra
     write_ply(out / "sparse_pc.ply", xyz, rgb)
+    prov = json.loads((out / "extreme_poses.json").read_text())
+    prov.pop("refinement", None)
+    for view in prov["views"]:
+        for key in ("input_w2c_opencv", "input_K", "refinement"):
+            view.pop(key, None)
+    (out / "extreme_poses.json").write_text(json.dumps(prov))
     return out
 
 
@@ -395,7 +408,7 @@ def test_scene_loader_agrees_with_the_dataset_readers(dataset):
 
 def test_confidence_colours_and_standalone_frame(dataset):
     c = confidence_colors(np.array([1.0, 2.0, 3.0, np.nan]))
-    assert tuple(c[0]) == (215, 48, 39) and tuple(c[2]) == (26, 152, 80) and tuple(c[3]) == (150, 150, 150)
+    assert tuple(c[0]) == (215, 48, 39) and tuple(c[2]) == (26, 152, 80) and tuple(c[3]) == UNKNOWN_COLOR
     data = load_scene(dataset)
     frame = standalone_frame(data)
     shown = frame.cameras(data.poses["aligned"])
@@ -482,14 +495,15 @@ def test_panel_elements_nodes_and_interactions(dataset):
         assert "/extreme3d/points" in nodes
         state = panel.state()
         assert state["frusta"] == N_VIEWS and state["pairs"] == N_PAIRS and state["table_rows"] == N_PAIRS
-        assert state["pose_sets"] == ["aligned", "pretrained"] and state["points_visible"] == state["points_total"] > 1000
+        assert state["pose_sets"] == pose_sets_in(dataset) and state["points_visible"] == state["points_total"] > 1000
         # GUI: the folder and its inputs.
         folders = [c for c in server.gui._container_handle_from_id.values() if type(c).__name__ == "GuiFolderHandle"]
         assert len(folders) == 4  # Extreme poses, Points, Selected view, Pairs
         labels = _gui_labels(server)
         for label in ("Poses", "Frustum size", "View all cameras", "Conf. percentile", "Point size", "View", "Overlap", "Sort by", "Pair"):
             assert label in labels, label
-        assert labels["Poses"].options == ("aligned", "pretrained") and not labels["Poses"].disabled
+        assert labels["Poses"].options == tuple(panel.pose_labels[s] for s in pose_sets_in(dataset))
+        assert labels["Poses"].options[-1] == "pretrained" and not labels["Poses"].disabled
         assert not labels["Conf. percentile"].disabled  # sparse_pc.ply has per-point confidence
         assert "Show points" not in labels and "Highlight SfM" not in labels  # no SfM points in this dataset
         assert panel.points_info.content == f"showing {state['points_total']:,} of {state['points_total']:,} points"
@@ -505,13 +519,15 @@ def test_panel_elements_nodes_and_interactions(dataset):
         assert np.abs(panel.positions() - aligned).max() > 1e-3
         panel.set_pose_set("aligned")
         np.testing.assert_allclose(panel.positions(), aligned, atol=1e-9)
-        assert labels["Poses"].value == "aligned"
+        assert labels["Poses"].value == panel.pose_labels["aligned"]
 
         # Click a camera: the selection frustum appears and the panel shows the image and numbers.
         panel.frusta.handles[4]._impl.click_cb[0](None)
         assert panel.selected_view == 4 and "/extreme3d/selected" in _node_names(server)
         info = panel.view_info.content
         assert "data:image/jpeg;base64," in info and panel.data.names[4] in info and "confidence" in info and "fx, fy" in info
+        if "input" in pose_sets_in(dataset):  # the pipeline's refinement stage ran: the view's record is shown
+            assert "| refinement |" in info and "| inliers / tracks |" in info
         assert labels["View"].value == panel.data.label(4)
         labels["View"].value = NO_SELECTION
         assert _wait(lambda: panel.selected_view is None, lock=panel._lock) and "/extreme3d/selected" not in _node_names(server)
@@ -594,13 +610,21 @@ def test_confidence_percentile_slider(dataset):
         viewer.stop()
 
 
-def test_old_dataset_without_point_confidence_keeps_the_slider_off(dataset_without_point_conf):
-    """sparse_pc.ply without ``confidence`` (older outputs, other tools): all points, slider disabled, said why."""
+def test_old_dataset_format_works_as_before(old_format_dataset):
+    """Older outputs (other tools): sparse_pc.ply without ``confidence``: all points, slider disabled, said why;
+    no refinement: aligned / pretrained toggle and summary as before, no SfM controls."""
     from ns_extreme.viewer.standalone import start_viewer
 
-    viewer = start_viewer(dataset_without_point_conf, port=free_port())
+    viewer = start_viewer(old_format_dataset, port=free_port())
     try:
         panel = viewer.panel
+        labels = _gui_labels(viewer.server)
+        assert panel.state()["pose_sets"] == ["aligned", "pretrained"]
+        assert labels["Poses"].options == ("aligned", "pretrained") and labels["Poses"].value == "aligned"
+        assert "Show points" not in labels and "Highlight SfM" not in labels
+        assert "refinement" not in panel.summary.content and "pose sets: aligned + pretrained" in panel.summary.content
+        panel.select_view(1)
+        assert "refinement" not in panel.view_info.content and "aligned vs pretrained" in panel.view_info.content
         assert panel.data.points_conf is None and panel.percentile_slider.disabled
         total = panel.state()["points_total"]
         assert panel.points.visible == _displayed_points(viewer.server) == total > 1000
@@ -765,8 +789,8 @@ def test_refinement_dataset_is_read(refined_dataset):
 
 
 def test_refinement_off_or_failed_is_said_plainly(refined_dataset):
-    """New datasets posed without refinement record {"status": "off"}: the summary stays as it always was. A failed
-    refinement keeps the input poses: the final set is not called "refined"."""
+    """New datasets posed without refinement record {"status": "off"}: the summary stays as it always was. When no
+    view was refined (failed, or every view kept), the final set is not called "refined"."""
     import dataclasses
 
     from ns_extreme.viewer.panel_text import pose_set_labels, summary_markdown
@@ -776,10 +800,14 @@ def test_refinement_off_or_failed_is_said_plainly(refined_dataset):
     without_input = {k: v for k, v in data.poses.items() if k != "input"}
     summary = summary_markdown(dataclasses.replace(data, poses=without_input, view_refinement=None))
     assert "refinement" not in summary and "pose sets: aligned + pretrained" in summary
+    data.view_refinement = [dataclasses.replace(r, status="kept") for r in data.view_refinement]
     data.refinement = dataclasses.replace(data.refinement, status="failed", warning="no verified pairs")
     assert "refinement: **failed**  \n⚠ no verified pairs" in summary_markdown(data)
     labels = list(pose_set_labels(data).values())
     assert labels == ["final (refinement failed)", "input (before refinement)", "pretrained"]
+    data.refinement = dataclasses.replace(data.refinement, status="refined", views_refined=0, views_kept=4)
+    assert pose_set_labels(data)["aligned"] == "final (no view refined)"
+    assert "refinement: **0 refined**, 4 kept" in summary_markdown(data)
 
 
 def _refined_viewer(refined_dataset):
@@ -1038,7 +1066,8 @@ def test_ns_extreme_view_command(dataset, tmp_path):
         print(f"ns-extreme-view came up in {up_s:.1f} s (process start to serving)")
         assert line.startswith(f"viewer: http://127.0.0.1:{port}")
         summary = next(entry for entry in lines if "cameras" in entry and "ready in" in entry)
-        assert f"{N_VIEWS} cameras" in summary and f"{N_PAIRS} pairs" in summary and "pose sets: aligned, pretrained" in summary
+        assert f"{N_VIEWS} cameras" in summary and f"{N_PAIRS} pairs" in summary
+        assert f"pose sets: {', '.join(pose_sets_in(dataset))};" in summary
         html = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode("utf-8", "replace")
         assert "<html" in html.lower()
         # Default host: the listening socket is bound to the loopback address only.
@@ -1275,7 +1304,7 @@ def test_nerfstudio_viewer_with_nerfacto_and_splatfacto(dataset, browser, empty_
         for s in states:
             assert s["controls"] == ["Extreme3DDataParser"]
             assert s["panel"]["frusta"] == N_VIEWS and s["panel"]["pairs"] == N_PAIRS
-            assert s["panel"]["pose_sets"] == ["aligned", "pretrained"] and s["percentile_enabled"]
+            assert s["panel"]["pose_sets"] == pose_sets_in(dataset) and s["percentile_enabled"]
             assert [n for n in s["extreme_nodes"] if n.startswith("/extreme3d/cameras/")] == [f"/extreme3d/cameras/{i:04d}" for i in range(N_VIEWS)]
             assert "/extreme3d/points" in s["extreme_nodes"]
             # Stock viewer untouched: its training cameras and its own controls are all there.

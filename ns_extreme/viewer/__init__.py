@@ -1,7 +1,10 @@
 """Viewers: the "Extreme poses" panel (nerfstudio's viewer and ``ns-extreme-view``) and the eval pair browser.
 
-* ``scene``: loads an extreme-poses dataset folder and builds the scene nodes + GUI panel on any
-  ``viser.ViserServer`` (a plain one, or nerfstudio's, given the display frame). Shared by both viewers.
+* ``scene_data``: reads a dataset folder into ``SceneData`` (cameras, confidence, refinement, points).
+* ``frames``: where the model world lands in viser's world (standalone or nerfstudio's training frame).
+* ``colors``: per-view confidence colours and their legend; ``images``: thumbnails for the panels.
+* ``frusta`` / ``point_layers``: the scene nodes; ``panel_text``: the panel's markdown; ``panel``: the GUI
+  folder that ties them together, shared by both viewers.
 * ``standalone``: ``ns-extreme-view DIR`` (no nerfstudio import).
 * ``pairs_browser``: ``ns-extreme-align eval --view`` / ``ns-extreme-view report.json``.
 

@@ -34,7 +34,7 @@ __all__ = [
 NOISE_FRACTION = 0.01
 MIN_RANGE_FRACTION = 0.2
 ROBUST_PERCENTILES = (5.0, 95.0)
-UNKNOWN_COLOR = (150, 150, 150)
+UNKNOWN_COLOR = (110, 110, 110)
 """No confidence, or no meaningful difference between the views."""
 _RAMP = np.array([[215, 48, 39], [252, 141, 89], [254, 224, 139], [145, 207, 96], [26, 152, 80]], dtype=np.float64)
 

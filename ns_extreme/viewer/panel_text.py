@@ -40,8 +40,9 @@ def pose_set_labels(data: SceneData) -> dict[str, str]:
     """Pose set -> its name in the "Poses" dropdown, for the sets this dataset has (final poses first)."""
     final = "aligned"
     if data.has_input_poses:
-        status = data.refinement.status if data.refinement is not None else "refined"
-        final = "refined" if status == "refined" else f"final (refinement {status})"
+        refined = any(r is not None and r.status == "refined" for r in data.view_refinement or [])
+        failed = data.refinement is not None and data.refinement.status == "failed"
+        final = "refined" if refined else "final (refinement failed)" if failed else "final (no view refined)"
     labels = {"aligned": final}
     if data.has_input_poses:
         labels["input"] = "input (before refinement)"
