@@ -46,6 +46,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from ns_extreme.posing import pose_images
     from ns_extreme.posing.backbone import VGGTBackbone
     from ns_extreme.posing.options import PosingOptions
+    from ns_extreme.posing.refine import RefineOptions
     from ns_extreme.runtime import resolve_precision
 
     device = torch.device(spec["device"])
@@ -66,7 +67,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     load_peak = mem.peak_mb()
     backbone = VGGTBackbone(model, dtype=prec.compute, target_size=spec["target_size"])
     paths = sorted(scan_images(Path(spec["images"])).images)[: spec.get("limit") or None]
-    options = PosingOptions(max_frames_per_pass=spec.get("max_frames_per_pass", 0), chunk_overlap=spec.get("chunk_overlap", 4))
+    options = PosingOptions(
+        max_frames_per_pass=spec.get("max_frames_per_pass", 0),
+        chunk_overlap=spec.get("chunk_overlap", 4),
+        refinement=RefineOptions(refine=False),  # model time and memory only; bench_refine.py times refinement
+    )
     resident = mem.now_mb()
     mem.reset()
     with Stopwatch(device) as pose:

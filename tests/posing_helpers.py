@@ -362,3 +362,27 @@ class GroundTruthBackbone:
         return FramePredictions(
             w2c_opencv=np.stack(w2c), intrinsics=np.stack(Ks), depth=np.stack(depths), confidence=np.stack(confs)
         )
+
+
+def noisy_reference(
+    ref: Reference,
+    seed: int,
+    rotation_deg: tuple[float, float] = (3.0, 5.0),
+    position: tuple[float, float] = (0.03, 0.05),
+    focal: tuple[float, float] = (0.03, 0.05),
+) -> Reference:
+    """``ref`` with seeded per-view errors, as a feed-forward model makes them: a rotation by an angle drawn from
+    ``rotation_deg`` about a random axis, the camera centre moved by a fraction of the extent drawn from
+    ``position`` in a random direction, and fx = fy scaled by 1 ± a fraction drawn from ``focal``."""
+    rng = np.random.default_rng(seed)
+    w2c, K = ref.w2c.copy(), ref.K.copy()
+    centres = ref.centres
+    for i in range(len(w2c)):
+        R = _rotation_about(rng.normal(size=3), rng.uniform(*rotation_deg)) @ ref.w2c[i, :3, :3]
+        direction = rng.normal(size=3)
+        centre = centres[i] + rng.uniform(*position) * ref.extent * direction / np.linalg.norm(direction)
+        w2c[i, :3, :3], w2c[i, :3, 3] = R, -R @ centre
+        f = 1.0 + rng.choice([-1.0, 1.0]) * rng.uniform(*focal)
+        K[i, 0, 0] *= f
+        K[i, 1, 1] *= f
+    return Reference(ref.scene_dir, ref.names, ref.paths, w2c, K, ref.sizes_wh)

@@ -23,6 +23,7 @@ from scipy.spatial.transform import Rotation
 from ns_extreme.io.dataset import write_dataset
 from ns_extreme.io.depth import read_depth_png_mm
 from ns_extreme.posing import PosingOptions, Reconstruction, pose_images
+from ns_extreme.posing.refine import RefineOptions
 from posing_helpers import (
     GroundTruthBackbone,
     Reference,
@@ -48,6 +49,9 @@ MAX_K_REL = 1e-6
 MAX_REPROJ_PX_F64 = 1e-4  # cameras read from transforms.json in float64
 MAX_REPROJ_PX_F32 = 1e-2  # cameras as nerfstudio holds them (float32 tensors)
 MAX_POINT_DIST_REL = 1e-5  # sparse_pc.ply stores float32
+
+FEED_FORWARD = RefineOptions(refine=False)
+"""These tests check the feed-forward geometry exactly; refinement has its own tests (test_refine.py)."""
 
 METRICS: dict[str, dict[str, float]] = {}
 """Measured errors per run, printed at the end of the module (run pytest with -s to see them)."""
@@ -96,7 +100,7 @@ def _run(
     key = (scene, mode, target, depth_format, repr(sorted((backbone_kwargs or {}).items())), repr(sorted(options.items())))
     if key not in _RUNS:
         ref = _ref(dev_small, scene)
-        opts = PosingOptions(preprocess=mode, max_points=20_000, **options)
+        opts = PosingOptions(preprocess=mode, max_points=20_000, refinement=FEED_FORWARD, **options)
         backbone = GroundTruthBackbone.for_reference(ref, mode, target, **(backbone_kwargs or {}))
         recon = pose_images(ref.paths, backbone, opts, progress=False)
         out = write_dataset(recon, factory.mktemp(f"{scene}-{mode}") / "dataset", depth_format=depth_format)
@@ -574,7 +578,7 @@ def test_chunking_wide_images_joins_on_real_pixels_only(dev_small: Path, tmp_pat
     wide = Reference(folder, [p.name for p in paths], paths, ref.w2c, K, np.tile([768, 240], (len(paths), 1)))
     backbone = GroundTruthBackbone.for_reference(wide, "pad", TARGET_FAST)
     assert backbone.records[0].valid_mask_preprocessed().mean() < 0.35
-    options = PosingOptions(preprocess="pad", max_points=5_000, max_frames_per_pass=4, chunk_overlap=2)
+    options = PosingOptions(preprocess="pad", max_points=5_000, max_frames_per_pass=4, chunk_overlap=2, refinement=FEED_FORWARD)
     recon = pose_images(paths, backbone, options, progress=False)
     err = pose_errors(recon.w2c_opencv, wide)
     _record(f"{FOUNTAIN} 768x240 strips/pad chunked", rot_deg=err.max_rot_deg, pos_rel=err.max_pos_rel,
@@ -603,7 +607,7 @@ def test_exif_rotated_originals(dev_small: Path, tmp_path_factory) -> None:
         paths.append(folder / p.name)
     exif_ref = Reference(folder, ref.names, paths, ref.w2c, ref.K, ref.sizes_wh)
     backbone = GroundTruthBackbone.for_reference(exif_ref, "crop", TARGET_FAST)
-    recon = pose_images(paths, backbone, PosingOptions(max_points=5_000), progress=False)
+    recon = pose_images(paths, backbone, PosingOptions(max_points=5_000, refinement=FEED_FORWARD), progress=False)
     np.testing.assert_array_equal(recon.sizes_wh, ref.sizes_wh)
     out = write_dataset(recon, folder / "dataset", depth_format="none")
     cams = read_with_nerfstudio(out, "transforms")

@@ -17,7 +17,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import tyro
 from typing_extensions import Annotated
@@ -71,6 +71,21 @@ def _unsupported_hint(skipped: Sequence[Path]) -> str:
     """``; <what to do>`` for skipped files of formats users expect to work (iPhone HEIC, RAW, video)."""
     hints = [h for exts, h in _UNSUPPORTED.items() if any(p.suffix.lower() in exts for p in skipped)]
     return "".join(f"; {h}" for h in hints)
+
+
+def refinement_summary(recon: Any) -> str:
+    """One line for the summary table: views refined / kept, median reprojection error, SfM points, time."""
+    ref = recon.refinement
+    if ref is None:
+        return "off (--no-refine)"
+    if ref.status == "failed":
+        return f"none: {ref.warning}"
+    median = ref.median_reproj_px()
+    error = f", median reprojection error {median:.2f} px" if median is not None else ""
+    return (
+        f"{ref.num_refined} views refined, {len(ref.views) - ref.num_refined} kept{error}, "
+        f"{len(ref.sfm_points):,} SfM points ({recon.timings.get('refine_s', 0.0):.1f} s)"
+    )
 
 
 def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print):
@@ -308,6 +323,7 @@ class ExtremePoses:
         table.add_row("points kept", f"{len(recon.points_xyz):,}")
         sources = {s: recon.intrinsics_source.count(s) for s in sorted(set(recon.intrinsics_source))}
         table.add_row("intrinsics", ", ".join(f"{k}: {v}" for k, v in sources.items()))
+        table.add_row("refinement", refinement_summary(recon))
         overlaps = {}
         for p in recon.pairs:
             overlaps[p.overlap] = overlaps.get(p.overlap, 0) + 1

@@ -56,14 +56,31 @@ def depth_at_original_resolution(depth_pre: np.ndarray, record: PreprocessRecord
     return out
 
 
-def point_properties(points_conf: np.ndarray, num_points: int) -> dict[str, np.ndarray]:
+def point_properties(points_conf: np.ndarray, num_points: int, points_source: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
     """The per-point properties written after x y z red green blue in sparse_pc.ply: ``confidence`` (float32,
     the model's depth confidence of the pixel each point came from; higher = more reliable, model-specific
-    scale). Readers that only know nerfstudio's six properties (open3d, plyfile) skip it."""
+    scale) and ``source`` (uint8: 0 = the model's depth, 1 = an SfM point triangulated from feature tracks).
+    Readers that only know nerfstudio's six properties (open3d, plyfile) skip them."""
     conf = np.asarray(points_conf, dtype=np.float32)
     if conf.shape != (num_points,):
         raise ValueError(f"points_conf must have shape [{num_points}] like points_xyz, got {conf.shape}")
-    return {"confidence": conf}
+    source = np.zeros(num_points, np.uint8) if points_source is None else np.asarray(points_source, dtype=np.uint8)
+    if source.shape != (num_points,):
+        raise ValueError(f"points_source must have shape [{num_points}] like points_xyz, got {source.shape}")
+    return {"confidence": conf, "source": source}
+
+
+def _view_refinement(recon, i: int, image_files: list[str]) -> dict[str, Any]:
+    """Per-view fields of the refinement stage (none when it did not run)."""
+    if recon.refinement is None:
+        return {}
+    view = dict(vars(recon.refinement.views[i]))
+    view["partners"] = [image_files[j] for j in view["partners"]]
+    return {
+        "input_w2c_opencv": recon.input_w2c_opencv[i].tolist(),
+        "input_K": recon.input_intrinsics[i].tolist(),
+        "refinement": view,
+    }
 
 
 def _needs_reencoding(path: Path) -> bool:
@@ -121,6 +138,7 @@ def _provenance(recon, applied: np.ndarray, extra: Optional[dict[str, Any]], ima
                 "width": int(recon.sizes_wh[i, 0]),
                 "height": int(recon.sizes_wh[i, 1]),
                 "intrinsics_source": recon.intrinsics_source[i],
+                **_view_refinement(recon, i, image_files),
                 "confidence": float(recon.view_confidence[i]),
                 "w2c_opencv": recon.w2c_opencv[i].tolist(),
                 "K": recon.intrinsics[i].tolist(),
@@ -142,6 +160,7 @@ def _provenance(recon, applied: np.ndarray, extra: Optional[dict[str, Any]], ima
         "warnings": recon.warnings,
         "pairs": [vars(p) for p in recon.pairs],
         "chunk_joins": recon.chunk_residuals,
+        "refinement": recon.refinement.summary() if recon.refinement is not None else {"status": "off"},
         "points": {"count": int(len(recon.points_xyz)), "mean_confidence": float(recon.points_conf.mean()) if len(recon.points_conf) else None},
         "timings_s": recon.timings,
     }
@@ -177,7 +196,7 @@ def write_dataset(
             out / "sparse_pc.ply",
             apply_world_transform(applied, recon.points_xyz),
             recon.points_rgb,
-            extra=point_properties(recon.points_conf, len(recon.points_xyz)),
+            extra=point_properties(recon.points_conf, len(recon.points_xyz), recon.points_source),
         )
         write_transforms_json(
             out / "transforms.json",
@@ -190,14 +209,17 @@ def write_dataset(
             depth_paths_rel=depth_files,
             extra={"ns_extreme": "extreme_poses.json"},
         )
+        # SfM points go in with their tracks; the model's points, which have none, after them.
+        model_points = recon.points_source != 1
         write_colmap_model(
             out / "colmap" / "sparse" / "0",
             [Path(f).name for f in image_files],
             recon.w2c_opencv,
             recon.intrinsics,
             recon.sizes_wh,
-            recon.points_xyz,
-            recon.points_rgb,
+            recon.points_xyz[model_points],
+            recon.points_rgb[model_points],
+            sfm_points=recon.sfm_points,
         )
         atomic_write_json(out / "extreme_poses.json", _provenance(recon, applied, extra_provenance, image_files))
     return final

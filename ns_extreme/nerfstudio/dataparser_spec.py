@@ -49,15 +49,21 @@ def _norm(flag: str) -> str:
 def extreme3d_option_names() -> frozenset:
     """Option names (normalised, without ``--``) that belong to the extreme3d subcommand, except ``data``
     (``--data`` is also a top-level ns-train option and works before the subcommand)."""
-    names = set()
-    for f in dataclasses.fields(Extreme3DDataParserConfig):
-        if f.name.startswith("_") or f.name == "data":
-            continue
-        if f.name in ("backbone", "posing"):  # nested with OmitArgPrefixes: flat flags
-            names.update(_norm(g.name) for g in dataclasses.fields(f.default_factory()))  # type: ignore[misc]
-        else:
-            names.add(_norm(f.name))
-    return frozenset(names)
+    def flat(cls: type) -> set:
+        names = set()
+        for f in dataclasses.fields(cls):
+            if f.name.startswith("_") or f.name == "data":
+                continue
+            nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+            if nested is not None and dataclasses.is_dataclass(nested):  # nested with OmitArgPrefixes: flat flags
+                names.update(flat(nested))
+            else:
+                names.add(_norm(f.name))
+                if f.type in (bool, "bool"):
+                    names.add("no-" + _norm(f.name))
+        return names
+
+    return frozenset(flat(Extreme3DDataParserConfig))
 
 
 def _dataparser_names() -> set:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+import tyro
+from typing_extensions import Annotated
+
 from ns_extreme.posing.intrinsics import parse_intrinsics_option
+from ns_extreme.posing.refine.options import RefineOptions
 
 
 @dataclass
@@ -17,7 +21,11 @@ class PosingOptions:
     """auto: predicted focal lengths; exif: 35 mm-equivalent EXIF focal where present, predicted elsewhere;
     shared: one focal length (the median prediction) for all views; 'fx,fy,cx,cy': known, in original pixels."""
     poses_from: Optional[Path] = None
-    """COLMAP model folder or transforms.json with known poses for some or all views (matched by file name)."""
+    """COLMAP model folder or transforms.json with known poses for some or all views (matched by file name); its
+    world becomes the dataset's world."""
+    known_poses: Literal["fixed", "prior"] = "fixed"
+    """fixed: --poses-from poses are kept exactly and anchor refinement; prior: they are initial estimates that
+    refinement may move (phone/ARKit poses, an earlier reconstruction), in the given world frame."""
     conf_percentile: float = 50.0
     """Drop points whose confidence is below this percentile (per view)."""
     max_points: int = 100_000
@@ -31,6 +39,9 @@ class PosingOptions:
     chunk_overlap: int = 4
     """Frames shared by consecutive chunks (used for the Sim(3) join)."""
     seed: int = 0
+    """Random seed (point subsampling, co-visibility sampling)."""
+    refinement: Annotated[RefineOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=RefineOptions)
+    """Refinement with image evidence (SfM-grade poses where views overlap)."""
 
     def __post_init__(self) -> None:
         # Fail on a bad option before any image is loaded or the model runs.

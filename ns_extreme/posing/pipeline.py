@@ -1,9 +1,14 @@
-"""pose_images: the posing pipeline from image files to a Reconstruction."""
+"""pose_images: the posing pipeline from image files to a Reconstruction.
+
+Stages, in order: load → inference → intrinsics → known poses → refinement → points → comparison. Each stage is a
+function below that takes what earlier stages produced.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -17,7 +22,7 @@ from ns_extreme.posing.diagnostics import pair_diagnostics
 from ns_extreme.posing.intrinsics import choose_intrinsics
 from ns_extreme.posing.known_poses import match_known, read_known_poses, sim3_to_known
 from ns_extreme.posing.options import PosingOptions
-from ns_extreme.posing.points import PointCloud, limit_points, view_points, voxel_downsample
+from ns_extreme.posing.points import PointCloud, limit_points, sfm_cloud, uncovered, view_points, voxel_downsample
 from ns_extreme.posing.reconstruction import Reconstruction
 
 
@@ -57,6 +62,110 @@ def _need_two(usable: int, total: int, skipped: list[SkippedImage]) -> None:
             f"only {usable} of {total} images can be used, posing needs at least 2 (skipped: {_skipped_summary(skipped)}); "
             "replace or remove the unreadable files, or add more photos"
         )
+
+
+@dataclass
+class _Cameras:
+    """Cameras as they pass through the stages (original resolution, OpenCV world-to-camera)."""
+
+    w2c: np.ndarray
+    K: np.ndarray
+    sources: list[str]
+    depth: np.ndarray
+    known: dict[int, int] = field(default_factory=dict)
+    """view -> row of the --poses-from model."""
+    world_source: str = "model"
+
+
+def _known_poses_stage(cams: _Cameras, image_paths: list[Path], sizes_wh: np.ndarray, options: PosingOptions, notes: list[str]) -> None:
+    """Put every view into the --poses-from world and give the known views their given cameras."""
+    known = read_known_poses(options.poses_from)
+    matches = match_known(image_paths, known)
+    if not matches:
+        raise ValueError(f"--poses-from {options.poses_from}: none of its {len(known.names)} image names matches an input image")
+    views, rows = list(matches), list(matches.values())
+    if len(matches) == 1:
+        notes.append("only one view has a known pose: the other views keep the model's scale, not the known world's")
+    distorted = [known.names[k] for k in rows if known.names[k] in known.distorted]
+    if distorted:
+        notes.append(
+            f"{len(distorted)} known cameras have lens distortion that the export drops (pinhole intrinsics only), "
+            f"e.g. {distorted[0]}; undistort the images first for exact geometry"
+        )
+    sim = sim3_to_known(cams.w2c[views], known.w2c_opencv[rows])
+    cams.w2c = transform_w2c_opencv(cams.w2c, sim)
+    cams.depth *= np.float32(sim.scale)
+    for i, k in matches.items():
+        cams.w2c[i] = known.w2c_opencv[k]
+        if options.intrinsics == "auto":
+            scale = sizes_wh[i] / known.sizes_wh[k]
+            cams.K[i] = np.diag([scale[0], scale[1], 1.0]) @ known.intrinsics[k]
+            cams.sources[i] = "known-pose"
+    cams.known = matches
+    cams.world_source = "transforms" if known.source.startswith("transforms") else "colmap"
+
+
+def _refinement_stage(
+    cams: _Cameras, image_paths: list[Path], sizes_wh: np.ndarray, records, options: PosingOptions, progress: bool
+):
+    """Refine with image evidence where views overlap (never fatal: see posing.refine.stage)."""
+    from ns_extreme.posing.refine import refine_poses
+    from ns_extreme.posing.refine.pairs import covisibility
+
+    ropts = options.refinement
+    n = len(image_paths)
+    known = np.zeros(n, dtype=bool)
+    known[list(cams.known)] = True
+    constant_pose = known if options.known_poses == "fixed" else np.zeros(n, dtype=bool)
+    if ropts.refine_focal == "auto":
+        constant_focal = np.array([s not in ("predicted", "shared") for s in cams.sources])
+    else:
+        constant_focal = np.full(n, ropts.refine_focal == "never")
+    # Given pose priors place each component; model poses only where a component holds fewer than two priors.
+    gauge_weights = np.where(known, 1.0, 1e-3) if options.known_poses == "prior" and known.sum() >= 2 else None
+    scores = None
+    if n > ropts.match_partners + 1:
+        valid = np.stack([r.valid_mask_preprocessed() for r in records])
+        K_pre = np.stack([r.intrinsics_to_preprocessed(k) for r, k in zip(records, cams.K)])
+        scores = covisibility(cams.depth, K_pre, cams.w2c, valid, seed=options.seed)
+    return refine_poses(
+        image_paths, cams.w2c, cams.K, sizes_wh, ropts,
+        constant_pose=constant_pose, constant_focal=constant_focal, gauge_weights=gauge_weights,
+        pair_scores=scores, progress=progress,
+    )  # fmt: skip
+
+
+def _points_stage(
+    cams: _Cameras, pred, batch: PreprocessedBatch, refinement, options: PosingOptions, progress: bool
+) -> PointCloud:
+    """The initial point cloud: SfM points and/or the model's confidence-filtered depth points (--points)."""
+    records = batch.records
+    valid = np.stack([r.valid_mask_preprocessed() for r in records])
+    sfm = refinement.sfm_points if refinement is not None and len(refinement.sfm_points) else None
+    mode = options.refinement.points if sfm is not None else "3dfm"
+    model_cloud = PointCloud.empty()
+    if mode != "sfm":
+        K_pre = np.stack([r.intrinsics_to_preprocessed(k) for r, k in zip(records, cams.K)])
+        rgb = (batch.images.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+        with tqdm(range(len(records)), desc="points", unit="view", disable=not progress) as views:
+            clouds = [
+                view_points(
+                    cams.depth[i], pred.confidence[i], K_pre[i], cams.w2c[i], rgb[i], valid[i],
+                    options.conf_percentile, options.edge_threshold, view_index=i,
+                )
+                for i in views
+            ]  # fmt: skip
+        model_cloud = PointCloud.concatenate(clouds)
+        if mode == "both":
+            model_cloud = model_cloud.subset(uncovered(model_cloud, sfm, records))
+        if options.voxel_size > 0 and len(model_cloud.xyz):
+            typical = float(np.median(cams.depth[cams.depth > 0]))
+            model_cloud = voxel_downsample(model_cloud, options.voxel_size * typical)
+    if sfm is None:
+        return limit_points(model_cloud, options.max_points, options.seed)
+    sfm_points = sfm_cloud(sfm, records, pred.confidence)
+    budget = max(options.max_points - len(sfm_points.xyz), 0)
+    return PointCloud.concatenate([sfm_points, limit_points(model_cloud, budget, options.seed)])
 
 
 def pose_images(
@@ -107,54 +216,30 @@ def pose_images(
     pred, residuals = _run_backbone(backbone, batch, options, progress)
     timings["inference_s"] = time.perf_counter() - t
 
-    t = time.perf_counter()
     K_predicted = np.stack([r.intrinsics_to_original(k) for r, k in zip(records, pred.intrinsics)])
     K, sources = choose_intrinsics(options.intrinsics, K_predicted, sizes_wh, image_paths)
-    w2c = pred.w2c_opencv.copy()
-    depth = pred.depth.copy()
-    world_source = "model"
+    cams = _Cameras(pred.w2c_opencv.copy(), K, sources, pred.depth.copy())
     notes: list[str] = []
     if skipped:
         notes.append(f"skipped {len(skipped)} of {total} image(s) that cannot be posed: {_skipped_summary(skipped)}")
     if options.poses_from is not None:
-        known = read_known_poses(options.poses_from)
-        matches = match_known(image_paths, known)
-        if not matches:
-            raise ValueError(f"--poses-from {options.poses_from}: none of its {len(known.names)} image names matches an input image")
-        views, rows = list(matches), list(matches.values())
-        if len(matches) == 1:
-            notes.append("only one view has a known pose: the other views keep the model's scale, not the known world's")
-        distorted = [known.names[k] for k in rows if known.names[k] in known.distorted]
-        if distorted:
-            notes.append(
-                f"{len(distorted)} known cameras have lens distortion that the export drops (pinhole intrinsics only), "
-                f"e.g. {distorted[0]}; undistort the images first for exact geometry"
-            )
-        sim = sim3_to_known(w2c[views], known.w2c_opencv[rows])
-        w2c = transform_w2c_opencv(w2c, sim)
-        depth *= np.float32(sim.scale)
-        for i, k in matches.items():
-            w2c[i] = known.w2c_opencv[k]
-            if options.intrinsics == "auto":
-                scale = sizes_wh[i] / known.sizes_wh[k]
-                K[i] = np.diag([scale[0], scale[1], 1.0]) @ known.intrinsics[k]
-                sources[i] = "known-pose"
-        world_source = "transforms" if known.source.startswith("transforms") else "colmap"
-
+        _known_poses_stage(cams, image_paths, sizes_wh, options, notes)
     valid = np.stack([r.valid_mask_preprocessed() for r in records])
-    depth[~valid] = 0.0
-    K_pre = np.stack([r.intrinsics_to_preprocessed(k) for r, k in zip(records, K)])
-    rgb = (batch.images.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
-    with tqdm(range(len(image_paths)), desc="points", unit="view", disable=not progress) as views:
-        clouds = [
-            view_points(depth[i], pred.confidence[i], K_pre[i], w2c[i], rgb[i], valid[i], options.conf_percentile, options.edge_threshold)
-            for i in views
-        ]
-    cloud = PointCloud.concatenate(clouds)
-    if options.voxel_size > 0 and len(cloud.xyz):
-        typical = float(np.median(depth[depth > 0]))
-        cloud = voxel_downsample(cloud, options.voxel_size * typical)
-    cloud = limit_points(cloud, options.max_points, options.seed)
+    cams.depth[~valid] = 0.0
+
+    refinement = None
+    input_w2c = input_K = None
+    if options.refinement.refine:
+        t = time.perf_counter()
+        input_w2c, input_K = cams.w2c.copy(), cams.K.copy()
+        refinement = _refinement_stage(cams, image_paths, sizes_wh, records, options, progress)
+        cams.w2c, cams.K = refinement.w2c_opencv, refinement.intrinsics
+        if refinement.warning:
+            notes.append(refinement.warning)
+        timings["refine_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    cloud = _points_stage(cams, pred, batch, refinement, options, progress)
     view_conf = np.array([float(pred.confidence[i][valid[i]].mean()) for i in range(len(image_paths))])
     timings["points_s"] = time.perf_counter() - t
 
@@ -163,23 +248,27 @@ def pose_images(
         t = time.perf_counter()
         other, _ = _run_backbone(compare_backbone, batch, options, progress)
         # Express the pretrained poses in the same world, so that both sets can be drawn together.
-        pretrained_w2c = transform_w2c_opencv(other.w2c_opencv, sim3_from_camera_pairs(other.w2c_opencv, w2c))
+        pretrained_w2c = transform_w2c_opencv(other.w2c_opencv, sim3_from_camera_pairs(other.w2c_opencv, cams.w2c))
         timings["compare_inference_s"] = time.perf_counter() - t
 
+    sfm = None
+    if refinement is not None and (cloud.source == 1).any():
+        sfm = refinement.sfm_points
     return Reconstruction(
         image_paths=image_paths,
         sizes_wh=sizes_wh,
-        w2c_opencv=w2c,
-        intrinsics=K,
+        w2c_opencv=cams.w2c,
+        intrinsics=cams.K,
         records=records,
-        depth=depth,
+        depth=cams.depth,
         confidence=pred.confidence,
         points_xyz=cloud.xyz,
         points_rgb=cloud.rgb,
         points_conf=cloud.conf,
+        points_source=cloud.source,
         view_confidence=view_conf,
-        intrinsics_source=sources,
-        pairs=pair_diagnostics(w2c, K, sizes_wh, pretrained_w2c),
+        intrinsics_source=cams.sources,
+        pairs=pair_diagnostics(cams.w2c, cams.K, sizes_wh, pretrained_w2c),
         pretrained_w2c_opencv=pretrained_w2c,
         chunk_residuals=residuals,
         provenance={
@@ -188,6 +277,10 @@ def pose_images(
             "skipped_images": [{"file": s.path.name, "path": str(s.path), "reason": s.reason} for s in skipped],
         },
         timings=timings,
-        world_source=world_source,
+        world_source=cams.world_source,
         warnings=notes,
+        input_w2c_opencv=input_w2c,
+        input_intrinsics=input_K,
+        refinement=refinement,
+        sfm_points=sfm,
     )

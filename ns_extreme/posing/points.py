@@ -9,20 +9,38 @@ import numpy as np
 from ns_extreme.geometry.projection import unproject_depth
 
 
+SOURCE_3DFM, SOURCE_SFM = 0, 1
+"""Values of the per-point ``source`` (sparse_pc.ply): the model's depth, or a triangulated feature track."""
+_FIELDS = ("xyz", "rgb", "conf", "view", "pixel", "source")
+
+
 @dataclass
 class PointCloud:
     xyz: np.ndarray
     rgb: np.ndarray
     conf: np.ndarray
+    view: np.ndarray
+    """[P] index of the view the point came from (the first observation for SfM points)."""
+    pixel: np.ndarray
+    """[P, 2] its source pixel in that view, preprocessed (network input) resolution, pixel centres at +0.5."""
+    source: np.ndarray
+    """[P] uint8 SOURCE_3DFM or SOURCE_SFM."""
+
+    @classmethod
+    def empty(cls) -> "PointCloud":
+        return cls(
+            np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0, np.float32),
+            np.zeros(0, np.int64), np.zeros((0, 2), np.float32), np.zeros(0, np.uint8),
+        )  # fmt: skip
 
     @classmethod
     def concatenate(cls, clouds: list["PointCloud"]) -> "PointCloud":
         if not clouds:
-            return cls(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0, np.float32))
-        return cls(*(np.concatenate([getattr(c, k) for c in clouds]) for k in ("xyz", "rgb", "conf")))
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(c, k) for c in clouds]) for k in _FIELDS))
 
     def subset(self, index: np.ndarray) -> "PointCloud":
-        return PointCloud(self.xyz[index], self.rgb[index], self.conf[index])
+        return PointCloud(*(getattr(self, k)[index] for k in _FIELDS))
 
 
 def edge_mask(depth: np.ndarray, threshold: float) -> np.ndarray:
@@ -47,6 +65,7 @@ def view_points(
     valid: np.ndarray,
     conf_percentile: float,
     edge_threshold: float,
+    view_index: int = 0,
 ) -> PointCloud:
     """Points of one view. ``image_rgb`` [H,W,3] uint8 and ``valid`` [H,W] (not padding) at depth resolution."""
     keep = valid & (depth > 0) & np.isfinite(depth)
@@ -55,7 +74,11 @@ def view_points(
     if edge_threshold > 0:
         keep &= edge_mask(depth, edge_threshold)
     xyz = unproject_depth(depth, K_pre, w2c)[keep]
-    return PointCloud(xyz, image_rgb[keep], confidence[keep].astype(np.float32))
+    rows, cols = np.nonzero(keep)
+    pixel = np.stack([cols + 0.5, rows + 0.5], axis=-1).astype(np.float32)
+    view = np.full(len(xyz), view_index, dtype=np.int64)
+    source = np.full(len(xyz), SOURCE_3DFM, dtype=np.uint8)
+    return PointCloud(xyz, image_rgb[keep], confidence[keep].astype(np.float32), view, pixel, source)
 
 
 def voxel_downsample(cloud: PointCloud, voxel: float) -> PointCloud:
@@ -66,6 +89,42 @@ def voxel_downsample(cloud: PointCloud, voxel: float) -> PointCloud:
     order = np.argsort(-cloud.conf, kind="stable")
     _, first = np.unique(keys[order], axis=0, return_index=True)
     return cloud.subset(np.sort(order[first]))
+
+
+def sfm_cloud(sfm, records, confidence: np.ndarray) -> PointCloud:
+    """SfM points (``io.colmap_model.SfmPoints``) as a PointCloud: each point's view and pixel are its first
+    observation's, and its confidence is the model's depth confidence there."""
+    first = np.full(len(sfm), -1, dtype=np.int64)
+    order = np.arange(len(sfm.obs_point))[::-1]
+    first[sfm.obs_point[order]] = order  # the last write per point wins: its first observation
+    view = sfm.obs_view[first] if len(sfm) else np.zeros(0, np.int64)
+    pixel = np.zeros((len(sfm), 2), dtype=np.float32)
+    conf = np.zeros(len(sfm), dtype=np.float32)
+    h, w = confidence.shape[1:]
+    for v in np.unique(view):
+        mine = np.flatnonzero(view == v)
+        uv = records[v].points_to_preprocessed(sfm.obs_xy[first[mine]])
+        pixel[mine] = uv
+        cols = np.clip(np.floor(uv[:, 0]).astype(int), 0, w - 1)
+        rows = np.clip(np.floor(uv[:, 1]).astype(int), 0, h - 1)
+        conf[mine] = confidence[v][rows, cols]
+    source = np.full(len(sfm), SOURCE_SFM, dtype=np.uint8)
+    return PointCloud(sfm.xyz.copy(), sfm.rgb.copy(), conf, view, pixel, source)
+
+
+def uncovered(cloud: PointCloud, sfm, records, cell: float = 4.0) -> np.ndarray:
+    """[P] True where a (model) point's source pixel lies in no ``cell``-pixel cell (preprocessed resolution) that
+    holds an SfM observation of the same view: where SfM has no point, the model's point fills in."""
+    keep = np.ones(len(cloud.xyz), dtype=bool)
+    for v in np.unique(cloud.view):
+        mine = np.flatnonzero(cloud.view == v)
+        seen = sfm.obs_view == v
+        if not seen.any():
+            continue
+        occupied = {tuple(c) for c in np.floor(records[v].points_to_preprocessed(sfm.obs_xy[seen]) / cell).astype(np.int64)}
+        cells = np.floor(cloud.pixel[mine] / cell).astype(np.int64)
+        keep[mine] = [tuple(c) not in occupied for c in cells]
+    return keep
 
 
 def limit_points(cloud: PointCloud, max_points: int, seed: int) -> PointCloud:

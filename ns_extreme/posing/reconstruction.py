@@ -45,6 +45,8 @@ class Reconstruction:
     """[P, 3] uint8 point colours."""
     points_conf: np.ndarray
     """[P] float32 depth confidence of the pixel each point came from (sparse_pc.ply ``confidence``)."""
+    points_source: np.ndarray
+    """[P] uint8 0 = the model's depth, 1 = an SfM point (triangulated track; sparse_pc.ply ``source``)."""
     view_confidence: np.ndarray
     """[N] mean depth confidence over the real (unpadded) pixels of each view."""
     intrinsics_source: list[str]
@@ -60,6 +62,15 @@ class Reconstruction:
     """Things the user should know about the result (also written to extreme_poses.json)."""
     world_source: str = "model"
     """model: frame 0 of the model (OpenCV axes) is the world; colmap / transforms: the world of --poses-from."""
+    input_w2c_opencv: Optional[np.ndarray] = None
+    """[N, 3, 4] poses before refinement (None when the refinement stage did not run)."""
+    input_intrinsics: Optional[np.ndarray] = None
+    """[N, 3, 3] intrinsics before refinement."""
+    refinement: Optional[Any] = None
+    """The refinement stage's report (``ns_extreme.posing.refine.Refinement``), None when it did not run."""
+    sfm_points: Optional[Any] = None
+    """Triangulated points with tracks (``ns_extreme.io.colmap_model.SfmPoints``) kept in the point cloud; written
+    to colmap/sparse/0 with their 2-D observations."""
 
     @property
     def num_views(self) -> int:

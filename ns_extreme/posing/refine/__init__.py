@@ -1,6 +1,19 @@
-"""Refinement with image evidence: pycolmap features, verified matches and bundle adjustment of linked views."""
+"""Refinement with image evidence: pycolmap features, verified matches and bundle adjustment of linked views.
 
-from ns_extreme.posing.refine.options import RefineOptions
-from ns_extreme.posing.refine.stage import PairRefinement, Refinement, ViewRefinement, refine_poses
+Names are imported on first use: the options load without pycolmap.
+"""
 
-__all__ = ["PairRefinement", "RefineOptions", "Refinement", "ViewRefinement", "refine_poses"]
+from __future__ import annotations
+
+from ns_extreme._lazy import lazy_exports
+
+_EXPORTS = {
+    "PairRefinement": "ns_extreme.posing.refine.stage",
+    "RefineOptions": "ns_extreme.posing.refine.options",
+    "Refinement": "ns_extreme.posing.refine.stage",
+    "ViewRefinement": "ns_extreme.posing.refine.stage",
+    "refine_poses": "ns_extreme.posing.refine.stage",
+}
+
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

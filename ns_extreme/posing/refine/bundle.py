@@ -128,11 +128,14 @@ def adjust_component(
     the final reconstruction with its tracks."""
     rec = _build(features, component, w2c, K_f)
     long_side = int(features.sizes_wh[component.views].max())
-    for threshold in round_thresholds_px(long_side):
+    thresholds = round_thresholds_px(long_side)
+    poses_only = Component(component.views, component.constant_pose, np.ones_like(component.constant_focal), component.camera_group)
+    for k, threshold in enumerate(thresholds):
         rec = _triangulate(rec, features, threshold, work_dir)
         if rec.num_points3D() == 0:
             raise RuntimeError("no track could be triangulated")
-        _adjust(rec, features, component, loss, scale=max(1.0, threshold / 4.0))
+        # Focal lengths trade off against depth while the structure is still wrong: free them in the last round.
+        _adjust(rec, features, component if k == len(thresholds) - 1 else poses_only, loss, scale=max(1.0, threshold / 4.0))
     images = [rec.images[features.image_ids[v]] for v in component.views]
     w2c_out = np.stack([image.cam_from_world().matrix() for image in images])
     K_out = np.stack([image.camera.calibration_matrix() for image in images])

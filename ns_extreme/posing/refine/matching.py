@@ -23,6 +23,11 @@ from ns_extreme.io.images import load_rgb
 
 MATCH_BATCH = 16
 """Pairs per matching call (one progress-bar step)."""
+MAX_FEATURES = 4096
+"""SIFT features per image: brute-force matching costs grow with the square of it (COLMAP's default is 8192)."""
+UPSAMPLE_BELOW = 1000
+"""Feature images with a shorter long side are upsampled once before the first octave (COLMAP's default,
+``first_octave = -1``), which finds the small features such images need; larger ones start at full size."""
 
 
 _CALIBRATED = (pycolmap.TwoViewGeometryConfiguration.CALIBRATED, pycolmap.TwoViewGeometryConfiguration.PLANAR)
@@ -94,9 +99,11 @@ def extract_features(
     image_dir.mkdir(parents=True, exist_ok=True)
     database = work_dir / "database.db"
     names, feature_sizes = [], []
-    options = pycolmap.FeatureExtractionOptions()
     for i, path in enumerate(tqdm(image_paths, desc="refine: features", unit="view", disable=not progress)):
         w, h = feature_size_of(sizes_wh[i], feature_size)
+        options = pycolmap.FeatureExtractionOptions()
+        options.sift.max_num_features = MAX_FEATURES
+        options.sift.first_octave = -1 if max(w, h) < UPSAMPLE_BELOW else 0
         grey = Image.fromarray(load_rgb(path)).convert("L")
         if grey.size != (w, h):
             grey = grey.resize((w, h), Image.Resampling.LANCZOS)

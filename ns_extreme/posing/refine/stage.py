@@ -307,7 +307,10 @@ def _refine(
     sfm = _concatenate(parts)
     sfm = _with_errors(sfm, w2c_out, K_out)
     sfm.rgb = _colours(image_paths, sfm)
-    return Refinement(w2c_out, K_out, views, pairs, sfm, "refined", None, timings)
+    warning = None
+    if not any(v.status == "refined" for v in views):
+        warning = "refinement kept every view's input pose (reasons per view in extreme_poses.json)"
+    return Refinement(w2c_out, K_out, views, pairs, sfm, "refined", warning, timings)
 
 
 def _reject_reason(view: ViewRefinement, options: RefineOptions, constant: bool) -> Optional[str]:
