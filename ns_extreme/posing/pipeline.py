@@ -161,7 +161,7 @@ def _points_stage(
         if options.voxel_size > 0 and len(model_cloud.xyz):
             typical = float(np.median(cams.depth[cams.depth > 0]))
             model_cloud = voxel_downsample(model_cloud, options.voxel_size * typical)
-    if sfm is None:
+    if mode == "3dfm":
         return limit_points(model_cloud, options.max_points, options.seed)
     sfm_points = sfm_cloud(sfm, records, pred.confidence)
     budget = max(options.max_points - len(sfm_points.xyz), 0)

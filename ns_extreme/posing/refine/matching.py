@@ -54,9 +54,11 @@ class FeatureSet:
         scale[:, 0, 0], scale[:, 1, 1], scale[:, 2, 2] = 1.0 / self.to_original[:, 0], 1.0 / self.to_original[:, 1], 1.0
         return scale @ K
 
-    def intrinsics_at_original(self, K_features: np.ndarray) -> np.ndarray:
+    def intrinsics_at_original(self, K_features: np.ndarray, views: Sequence[int]) -> np.ndarray:
+        """Feature-resolution intrinsics of ``views`` back at the original resolution."""
+        to_original = self.to_original[list(views)]
         scale = np.zeros((len(K_features), 3, 3))
-        scale[:, 0, 0], scale[:, 1, 1], scale[:, 2, 2] = self.to_original[:, 0], self.to_original[:, 1], 1.0
+        scale[:, 0, 0], scale[:, 1, 1], scale[:, 2, 2] = to_original[:, 0], to_original[:, 1], 1.0
         return scale @ K_features
 
 

@@ -271,7 +271,7 @@ def _refine(
         sim = _gauge(w2c_adj, w2c_in[index], constant_pose[index], gauge_weights[index])
         w2c_new = transform_w2c_opencv(w2c_adj, sim)
         w2c_new[constant_pose[index]] = w2c_in[index][constant_pose[index]]
-        K_new = features.intrinsics_at_original(np.asarray(K_f_adj))
+        K_new = features.intrinsics_at_original(np.asarray(K_f_adj), index)
         obs = observations(rec, {features.image_ids[v]: v for v in index})
         xyz = sim.apply(obs.xyz) if len(obs.xyz) else obs.xyz
         obs_xy = obs.xy * features.to_original[obs.view]
