@@ -274,10 +274,14 @@ def test_ply_round_trip_exact_and_nerfstudio_header(tmp_path: Path) -> None:
     create_ply_from_colmap("ns.ply", model, tmp_path, applied_transform=None)
     ns_lines = (tmp_path / "ns.ply").read_bytes().split(b"\n")
     assert ns_lines[:10] == lines[:10]
-    # sparse_pc.ply as write_dataset writes it: nerfstudio's header plus one float property before end_header.
+    # sparse_pc.ply as write_dataset writes it: nerfstudio's header plus two properties before end_header.
     with_conf = write_ply(tmp_path / "with_conf.ply", xyz, rgb, extra=point_properties(conf, len(xyz)))
-    header = with_conf.read_bytes().split(b"\n")[:11]
-    assert [x.decode() for x in header] == [h.format(n=257) for h in NS_HEADER[:-1]] + ["property float confidence", "end_header"]
+    header = with_conf.read_bytes().split(b"\n")[:12]
+    assert [x.decode() for x in header] == [h.format(n=257) for h in NS_HEADER[:-1]] + [
+        "property float confidence",
+        "property uint8 source",
+        "end_header",
+    ]
     xyz_ns, rgb_ns, _ = read_ply(tmp_path / "ns.ply")  # nerfstudio prints 6 decimals
     np.testing.assert_allclose(xyz_ns, xyz, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(rgb_ns, rgb)
@@ -326,12 +330,17 @@ def test_ply_read_by_open3d(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.rint(np.asarray(pcd.colors) * 255).astype(np.uint8), rgb)
 
 
-def test_point_properties_are_float32_confidence_per_point() -> None:
+def test_point_properties_are_float32_confidence_and_uint8_source_per_point() -> None:
     props = point_properties(np.array([1.5, 2.0, 7.25]), 3)
-    assert list(props) == ["confidence"] and props["confidence"].dtype == np.float32
+    assert list(props) == ["confidence", "source"] and props["confidence"].dtype == np.float32
     np.testing.assert_array_equal(props["confidence"], [1.5, 2.0, 7.25])
+    np.testing.assert_array_equal(props["source"], [0, 0, 0])  # no source given: all model points
+    props = point_properties(np.ones(3), 3, np.array([1, 0, 1]))
+    assert props["source"].dtype == np.uint8 and props["source"].tolist() == [1, 0, 1]
     with pytest.raises(ValueError, match="shape"):
         point_properties(np.ones(2), 3)
+    with pytest.raises(ValueError, match="points_source"):
+        point_properties(np.ones(3), 3, np.ones(2))
 
 
 def test_ply_rejects_bad_input(tmp_path: Path) -> None:

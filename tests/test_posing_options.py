@@ -131,7 +131,10 @@ def test_edge_mask_removes_both_sides_of_a_step() -> None:
 def _cloud(xyz, conf) -> PointCloud:
     xyz = np.asarray(xyz, dtype=np.float64)
     rgb = np.arange(len(xyz) * 3, dtype=np.uint8).reshape(-1, 3)
-    return PointCloud(xyz, rgb, np.asarray(conf, dtype=np.float32))
+    n = len(xyz)
+    return PointCloud(
+        xyz, rgb, np.asarray(conf, dtype=np.float32), np.zeros(n, np.int64), np.zeros((n, 2), np.float32), np.zeros(n, np.uint8)
+    )
 
 
 def test_voxel_downsample_keeps_most_confident_point_per_voxel() -> None:

@@ -19,6 +19,8 @@ import pytest
 BIN = Path(sys.executable).parent
 SCENE = "strecha_Herz-Jesus-P8"  # 8 images, 768x512
 TINY = ["--model-size", "tiny", "--weights", "random"]
+FEED_FORWARD = [*TINY, "--no-refine"]
+"""For tests of the command itself: refinement has its own tests (test_refine.py) and the end-to-end run keeps it."""
 
 
 def _env() -> dict:
@@ -119,6 +121,13 @@ def test_end_to_end_writes_a_dataset(processed, images):
     # User-facing output: warning about the skipped file, licence line, summary table.
     assert "notes.txt" in proc.stdout and proc.stdout.count("licence:") == 1
     assert "views posed" in proc.stdout and "peak memory" in proc.stdout
+    # Refinement ran on the real photos; the tiny random model's poses are far off, so whatever it kept says why.
+    provenance = json.loads((out / "extreme_poses.json").read_text())
+    assert provenance["refinement"]["status"] in ("refined", "failed")
+    assert "refinement" in proc.stdout and "colmap" not in proc.stderr.lower()
+    for view in provenance["views"]:
+        record = view["refinement"]
+        assert record["status"] == "refined" or record["reason"]
     # Nothing staged is left behind.
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".dataset")]
 
@@ -127,10 +136,10 @@ def test_rerun_refuses_existing_output_then_overwrites(processed, images):
     out, first = processed
     assert first.returncode == 0
     before = (out / "transforms.json").stat().st_mtime_ns
-    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), *TINY)
+    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD)
     assert_one_line_error(proc, "already exists", "--overwrite")
     assert (out / "transforms.json").stat().st_mtime_ns == before
-    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), *TINY, "--overwrite")
+    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert (out / "transforms.json").is_file()
 
@@ -175,7 +184,7 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, images):
         entrypoint()
         """
     )
-    proc = run([sys.executable, "-c", script, "extreme-poses", "--data", str(images), "--output-dir", str(out), *TINY])
+    proc = run([sys.executable, "-c", script, "extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD])
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # neither the output nor a staging folder
@@ -319,7 +328,7 @@ def test_command_runs_without_nerfstudio(tmp_path, images):
         """
     )
     out = tmp_path / "out"
-    proc = run([sys.executable, "-c", script, "--data", str(images), "--output-dir", str(out), *TINY, "--depth-format", "npy"])
+    proc = run([sys.executable, "-c", script, "--data", str(images), "--output-dir", str(out), *FEED_FORWARD, "--depth-format", "npy"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NERFSTUDIO ['nerfstudio']" in proc.stdout
     assert len(list((out / "depth").glob("*.npy"))) == 8
@@ -328,7 +337,7 @@ def test_command_runs_without_nerfstudio(tmp_path, images):
 def test_extreme_poses_with_pi3(images):
     """--model pi3: reference-free model, focal lengths recovered from its point maps, same dataset format."""
     out = images.parent / "dataset_pi3"
-    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), "--model", "pi3", *TINY)
+    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), "--model", "pi3", *FEED_FORWARD)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     transforms = json.loads((out / "transforms.json").read_text())
     n = len(list(images.glob("*.jpg")))
