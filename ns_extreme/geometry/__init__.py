@@ -9,6 +9,7 @@ from ns_extreme._lazy import lazy_exports
 
 _EXPORTS = {
     "c2w_opencv_from_w2c_opencv": "ns_extreme.geometry.conventions",
+    "camera_centres_from_w2c": "ns_extreme.geometry.conventions",
     "c2w_opengl_from_w2c_opencv": "ns_extreme.geometry.conventions",
     "colmap_qvec_tvec_from_w2c_opencv": "ns_extreme.geometry.conventions",
     "focal_from_fov": "ns_extreme.geometry.intrinsics",

@@ -41,6 +41,12 @@ def to_homogeneous(T: np.ndarray) -> np.ndarray:
     return out
 
 
+def camera_centres_from_w2c(w2c: np.ndarray) -> np.ndarray:
+    """Camera centres ``-Rᵀt`` [..., 3] of world-to-camera poses [..., 3, 4] or [..., 4, 4] (any axis convention)."""
+    w2c = _as_pose(w2c, "w2c")
+    return -np.einsum("...ji,...j->...i", w2c[..., :3, :3], w2c[..., :3, 3])
+
+
 def invert_rigid(T: np.ndarray) -> np.ndarray:
     """Inverse of a rigid transform [R | t] → [Rᵀ | −Rᵀt]; keeps the input shape ([..., 3, 4] or [..., 4, 4])."""
     T = _as_pose(T, "T")

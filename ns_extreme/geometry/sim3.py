@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-from ns_extreme.geometry.conventions import _as_pose
+from ns_extreme.geometry.conventions import _as_pose, camera_centres_from_w2c
 
 
 @dataclass(frozen=True, eq=False)
@@ -175,11 +175,6 @@ def transform_w2c_opencv(w2c: np.ndarray, sim3: Sim3) -> np.ndarray:
     return out
 
 
-def _camera_centres(w2c: np.ndarray) -> np.ndarray:
-    R = w2c[..., :3, :3]
-    return -np.einsum("...ji,...j->...i", R, w2c[..., :3, 3])
-
-
 def sim3_from_camera_pairs(w2c_src: np.ndarray, w2c_dst: np.ndarray) -> Sim3:
     """Sim3 mapping the src world onto the dst world from the same N cameras posed in both ([N, 3, 4]).
 
@@ -193,8 +188,8 @@ def sim3_from_camera_pairs(w2c_src: np.ndarray, w2c_dst: np.ndarray) -> Sim3:
     w2c_dst = w2c_dst.reshape((-1,) + w2c_dst.shape[-2:])
     if w2c_src.shape[0] != w2c_dst.shape[0] or w2c_src.shape[0] == 0:
         raise ValueError(f"need the same N ≥ 1 cameras on both sides, got {w2c_src.shape[0]} and {w2c_dst.shape[0]}")
-    C_src = _camera_centres(w2c_src)
-    C_dst = _camera_centres(w2c_dst)
+    C_src = camera_centres_from_w2c(w2c_src)
+    C_dst = camera_centres_from_w2c(w2c_dst)
     n = C_src.shape[0]
     if n >= 3:
         sv_src = np.linalg.svd(C_src - C_src.mean(0), compute_uv=False)
@@ -236,8 +231,8 @@ def sim3_from_camera_poses(
     if np.linalg.det(U) * np.linalg.det(Vt) < 0:
         S[2] = -1.0
     R = (U * S) @ Vt
-    C_src = _camera_centres(w2c_src) @ R.T
-    C_dst = _camera_centres(w2c_dst)
+    C_src = camera_centres_from_w2c(w2c_src) @ R.T
+    C_dst = camera_centres_from_w2c(w2c_dst)
     if n == 1:
         return Sim3(1.0, R, C_dst[0] - C_src[0])
     robust = np.ones(n)

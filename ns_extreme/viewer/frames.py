@@ -14,10 +14,11 @@ from typing import Any
 
 import numpy as np
 
+from ns_extreme.geometry.conventions import camera_centres_from_w2c
 from ns_extreme.geometry.rotations import nearest_rotation
 from ns_extreme.viewer.scene_data import SceneData
 
-__all__ = ["DisplayFrame", "DisplayPoses", "SceneLayout", "camera_centres", "standalone_frame", "nerfstudio_frame"]
+__all__ = ["DisplayFrame", "DisplayPoses", "SceneLayout", "standalone_frame", "nerfstudio_frame"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,7 @@ class DisplayFrame:
         import viser.transforms as vtf
 
         R_display = nearest_rotation(np.einsum("ij,nkj->nik", self.R, np.asarray(w2c)[:, :3, :3]))
-        return DisplayPoses(wxyz=vtf.SO3.from_matrix(R_display).wxyz, positions=self.points(camera_centres(w2c)))
-
-
-def camera_centres(w2c: np.ndarray) -> np.ndarray:
-    """[N, 3] camera centres -Rᵀt of world-to-camera poses [N, 3, 4]."""
-    w2c = np.asarray(w2c, dtype=np.float64)
-    return -np.einsum("nji,nj->ni", w2c[:, :3, :3], w2c[:, :3, 3])
+        return DisplayPoses(wxyz=vtf.SO3.from_matrix(R_display).wxyz, positions=self.points(camera_centres_from_w2c(w2c)))
 
 
 def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,7 +67,7 @@ def standalone_frame(data: SceneData, radius: float = 10.0) -> DisplayFrame:
     """Like nerfstudio's default parser frame ("up" orientation, centred on the cameras, max |t| = 1), times
     ``radius``: the mean camera up vector becomes +z (viser's up), the cameras fit a ±radius box."""
     w2c = data.poses["aligned"]
-    centres = camera_centres(w2c)
+    centres = camera_centres_from_w2c(w2c)
     up = -w2c[:, 1, :3].mean(axis=0)  # the cameras' y axes (rows of R_w2c) point down in OpenCV
     R = _rotation_between(up, np.array([0.0, 0.0, 1.0])) if np.linalg.norm(up) > 1e-6 else np.eye(3)
     rotated = centres @ R.T

@@ -10,7 +10,7 @@ import numpy as np
 
 from ns_extreme.geometry.rotations import geodesic_angle_deg
 from ns_extreme.posing.reconstruction import PairDiagnostic
-from ns_extreme.viewer.frames import camera_centres
+from ns_extreme.geometry.conventions import camera_centres_from_w2c
 from ns_extreme.viewer.point_layers import PointLayers
 from ns_extreme.viewer.refinement import RefinementSummary, ViewRefinement
 from ns_extreme.viewer.scene_data import SceneData
@@ -108,7 +108,7 @@ def view_markdown(data: SceneData, i: Optional[int], thumbnail: str) -> str:
         rows.append(("confidence", f"{fmt(float(c[i]), 4)} (rank {rank} of {len(finite)})"))
     if data.intrinsics_source is not None and data.intrinsics_source[i]:
         rows.append(("intrinsics", data.intrinsics_source[i]))
-    rows.append(("centre (model world)", ", ".join(f"{v + 0.0:.3g}" for v in camera_centres(w2c[None])[0])))  # no -0
+    rows.append(("centre (model world)", ", ".join(f"{v + 0.0:.3g}" for v in camera_centres_from_w2c(w2c))))  # no -0
     if data.has_pretrained:
         angle = geodesic_angle_deg(w2c[:3, :3], data.poses["pretrained"][i][:3, :3])
         rows.append((f"{pose_set_labels(data)['aligned']} vs pretrained", f"{angle:.1f}° rotation"))

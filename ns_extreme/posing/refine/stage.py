@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
+from ns_extreme.geometry.conventions import camera_centres_from_w2c
 from ns_extreme.geometry.projection import project_points
 from ns_extreme.geometry.rotations import geodesic_angle_deg
 from ns_extreme.geometry.sim3 import Sim3, sim3_from_camera_poses, transform_w2c_opencv
@@ -164,13 +165,9 @@ def _components(n: int, pairs: Sequence[Any]) -> list[list[int]]:
 
 def scene_extent(w2c: np.ndarray) -> float:
     """Largest camera distance from the centroid of the camera centres (1.0 when all coincide)."""
-    centres = _centres(w2c)
+    centres = camera_centres_from_w2c(w2c)
     extent = float(np.linalg.norm(centres - centres.mean(0), axis=1).max()) if len(centres) else 0.0
     return extent if extent > 0 else 1.0
-
-
-def _centres(w2c: np.ndarray) -> np.ndarray:
-    return -np.einsum("...ji,...j->...i", w2c[..., :3, :3], w2c[..., :3, 3])
 
 
 def _gauge(w2c_ref: np.ndarray, w2c_in: np.ndarray, constant: np.ndarray, weights: np.ndarray) -> Sim3:
@@ -179,8 +176,8 @@ def _gauge(w2c_ref: np.ndarray, w2c_in: np.ndarray, constant: np.ndarray, weight
         return Sim3.identity()
     if constant.sum() == 1:
         # The constant camera pins rotation and translation; only the scale about its centre is free.
-        anchor = _centres(w2c_in[constant])[0]
-        d_ref, d_in = _centres(w2c_ref) - anchor, _centres(w2c_in) - anchor
+        anchor = camera_centres_from_w2c(w2c_in[constant])[0]
+        d_ref, d_in = camera_centres_from_w2c(w2c_ref) - anchor, camera_centres_from_w2c(w2c_in) - anchor
         denom = float(np.sum(d_ref * d_ref))
         s = float(np.sum(d_ref * d_in)) / denom if denom > 0 else 1.0
         s = s if s > 0 else 1.0
@@ -290,7 +287,7 @@ def _refine(
             finite = mine & np.isfinite(err_before)
             view.reproj_before_px = float(err_before[finite].mean()) if finite.any() else None
             view.rotation_change_deg = float(geodesic_angle_deg(w2c_new[k, :3, :3], w2c_in[v, :3, :3]))
-            view.centre_change = float(np.linalg.norm(_centres(w2c_new[k]) - _centres(w2c_in[v])) / extent)
+            view.centre_change = float(np.linalg.norm(camera_centres_from_w2c(w2c_new[k]) - camera_centres_from_w2c(w2c_in[v])) / extent)
             view.focal_change = float(K_new[k, 0, 0] / K_in[v, 0, 0] - 1.0)
             reason = _reject_reason(view, options, bool(constant_pose[v]))
             if reason is None:
