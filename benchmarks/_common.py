@@ -37,7 +37,11 @@ def available_mb() -> float:
 
 
 def run_worker(
-    script: Path, spec: dict[str, Any], timeout: Optional[float] = None, min_available_mb: float = 0, max_wait_s: float = 900
+    script: Path,
+    spec: dict[str, Any],
+    timeout: Optional[float] = None,
+    min_available_mb: float = 0,
+    max_wait_s: float = 900,
 ) -> dict[str, Any]:
     """Run ``script --worker JSON`` in a fresh Python process; returns the JSON dict it prints last.
 
@@ -47,7 +51,9 @@ def run_worker(
     waited = 0.0
     while available_mb() < min_available_mb and waited < max_wait_s:
         if waited == 0:
-            print(f"   waiting for {min_available_mb:.0f} MB of free memory (now {available_mb():.0f} MB) ...", flush=True)
+            print(
+                f"   waiting for {min_available_mb:.0f} MB of free memory (now {available_mb():.0f} MB) ...", flush=True
+            )
         time.sleep(10)
         waited += 10
     cmd = [sys.executable, str(script), "--worker", json.dumps(spec)]
@@ -249,7 +255,6 @@ def enrich_random_weights(model: torch.nn.Module, seed: int) -> None:
 
 def weights_file(cache_dir: Path, config: str = "full", seed: int = 0) -> Path:
     """A float32 safetensors file of randomly initialised (enriched) VGGT weights, created once and reused."""
-    from ns_extreme.models.vggt import VGGT
 
     path = Path(cache_dir) / f"vggt_{config}_random_seed{seed}.safetensors"
     if path.is_file():

@@ -19,7 +19,6 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from _common import (  # noqa: E402
     Memory,
     Stopwatch,
@@ -44,9 +43,15 @@ def _random_rotations(n: int, seed: int) -> torch.Tensor:
     x, y, z, w = q.unbind(-1)
     return torch.stack(
         [
-            1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w),
-            2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w),
-            2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y),
+            1 - 2 * (y * y + z * z),
+            2 * (x * y - z * w),
+            2 * (x * z + y * w),
+            2 * (x * y + z * w),
+            1 - 2 * (x * x + z * z),
+            2 * (y * z - x * w),
+            2 * (x * z - y * w),
+            2 * (y * z + x * w),
+            1 - 2 * (x * x + y * y),
         ],
         dim=-1,
     ).reshape(n, 3, 3)
@@ -60,7 +65,14 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     mem = Memory(device)
     model_spec = get_spec("vggt")
     with Stopwatch(device) as load:
-        model = load_model("vggt", weights=spec["weights"], alignment="pretrained", device=device, dtype=torch.float32, config=model_config(spec["config"]))
+        model = load_model(
+            "vggt",
+            weights=spec["weights"],
+            alignment="pretrained",
+            device=device,
+            dtype=torch.float32,
+            config=model_config(spec["config"]),
+        )
     load_peak = mem.peak_mb()
 
     names = model_spec.paper_bias_set.select(model)
@@ -94,7 +106,9 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     step_peak = mem.peak_mb()
 
     with_grad = [n for n, p in model.named_parameters() if p.grad is not None]
-    state_values = sum(t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    state_values = sum(
+        t.numel() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+    )
     return {
         "checkpointing": spec["checkpointing"],
         "bf16_autocast": spec.get("bf16", False),
@@ -135,8 +149,10 @@ def run(device: torch.device, configs: list[dict[str, Any]], cache_dir: Path, co
             print("   " + res["error"].splitlines()[0], flush=True)
         else:
             print(
-                f"   step {res['step_s']:.1f} s (fwd {res['forward_s']:.1f}, bwd {res['backward_s']:.1f}), peak {res['step_peak_mb']:.0f} MB, "
-                f"{res['values_with_grad']:,} values with grad, {res['optimizer_state_values']:,} optimizer-state values",
+                f"   step {res['step_s']:.1f} s (fwd {res['forward_s']:.1f}, bwd {res['backward_s']:.1f}), peak "
+                f"{res['step_peak_mb']:.0f} MB, "
+                f"{res['values_with_grad']:,} values with grad, "
+                f"{res['optimizer_state_values']:,} optimizer-state values",
                 flush=True,
             )
         runs.append(res)
@@ -151,17 +167,39 @@ def markdown(data: dict[str, Any], env: dict[str, Any]) -> str:
             continue
         rows.append(
             [
-                r["checkpointing"], r["bf16_autocast"], r["forward_s"], r["backward_s"], r["optimizer_s"], r["step_s"],
-                r["weights_mb"], r["resident_before_step_mb"], r["forward_peak_mb"], r["step_peak_mb"], r["step_extra_mb"],
-                f"{r['values_with_grad']:,} in {r['tensors_with_grad']} tensors", f"{r['optimizer_state_values']:,}",
+                r["checkpointing"],
+                r["bf16_autocast"],
+                r["forward_s"],
+                r["backward_s"],
+                r["optimizer_s"],
+                r["step_s"],
+                r["weights_mb"],
+                r["resident_before_step_mb"],
+                r["forward_peak_mb"],
+                r["step_peak_mb"],
+                r["step_extra_mb"],
+                f"{r['values_with_grad']:,} in {r['tensors_with_grad']} tensors",
+                f"{r['optimizer_state_values']:,}",
             ]
         )
     header = [
-        "checkpointing", "bf16 autocast", "forward s", "backward s", "optimizer s", "step s", "weights MB", "resident before step MB",
-        "forward peak MB", "step peak MB", "step peak − resident MB", "values holding .grad", "optimizer state values",
+        "checkpointing",
+        "bf16 autocast",
+        "forward s",
+        "backward s",
+        "optimizer s",
+        "step s",
+        "weights MB",
+        "resident before step MB",
+        "forward peak MB",
+        "step peak MB",
+        "step peak − resident MB",
+        "values holding .grad",
+        "optimizer state values",
     ]
     return (
-        f"# One bias-tuning step ({data['config']} VGGT-1B, random weights, 2 images {data['image_hw'][1]}x{data['image_hw'][0]}, {env['device']})\n\n"
+        f"# One bias-tuning step ({data['config']} VGGT-1B, random weights, 2 images "
+        f"{data['image_hw'][1]}x{data['image_hw'][0]}, {env['device']})\n\n"
         f"{env.get('cpu_model') or ''} ({env['cpu_capability']}, {env['threads']} threads), torch {env['torch']}\n\n"
         + md_table(header, rows)
         + "\n\nPeaks are resident memory of a fresh process after loading (CPU) or allocated tensors (CUDA); "
@@ -173,8 +211,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--config", default="full", choices=["full", "small", "tiny"])
-    ap.add_argument("--no-checkpointing-too", action="store_true", help="also measure the step without gradient checkpointing")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward (as --bf16 of ns-extreme-align train)")
+    ap.add_argument(
+        "--no-checkpointing-too", action="store_true", help="also measure the step without gradient checkpointing"
+    )
+    ap.add_argument(
+        "--bf16", action="store_true", help="bf16 autocast for the forward (as --bf16 of ns-extreme-align train)"
+    )
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = ap.parse_args(argv)
     device = torch.device(args.device)

@@ -20,7 +20,6 @@ from typing import Any, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from _common import (  # noqa: E402
     Memory,
     Stopwatch,
@@ -43,12 +42,32 @@ ALL_HEADS = ["camera", "depth", "points"]
 
 # name -> how it runs. "plain": the straightforward formulation and loader (benchmarks/_plain.py).
 VARIANTS: dict[str, dict[str, Any]] = {
-    "baseline": dict(plain=True, precision="fp32", heads=ALL_HEADS, dpt_chunk=None, note="plain fp32 eager, all heads, load_file loader"),
-    "fp32": dict(plain=False, precision="fp32", heads=POSING_HEADS, dpt_chunk=2, note="optimised code, fp32 weights and math (bit-exact)"),
-    "bf16-weights": dict(plain=False, precision="bf16-weights", heads=POSING_HEADS, dpt_chunk=2, note="bf16 linear weights, fp32 math"),
-    "bf16": dict(plain=False, precision="bf16", heads=POSING_HEADS, dpt_chunk=2, note="bf16 linear weights + bf16 autocast"),
-    "fp16": dict(plain=False, precision="fp16", heads=POSING_HEADS, dpt_chunk=2, note="fp16 linear weights + fp16 autocast"),
-    "bf16-pure": dict(plain=False, precision="bf16-pure", heads=POSING_HEADS, dpt_chunk=2, note="every parameter and activation bf16"),
+    "baseline": dict(
+        plain=True,
+        precision="fp32",
+        heads=ALL_HEADS,
+        dpt_chunk=None,
+        note="plain fp32 eager, all heads, load_file loader",
+    ),
+    "fp32": dict(
+        plain=False,
+        precision="fp32",
+        heads=POSING_HEADS,
+        dpt_chunk=2,
+        note="optimised code, fp32 weights and math (bit-exact)",
+    ),
+    "bf16-weights": dict(
+        plain=False, precision="bf16-weights", heads=POSING_HEADS, dpt_chunk=2, note="bf16 linear weights, fp32 math"
+    ),
+    "bf16": dict(
+        plain=False, precision="bf16", heads=POSING_HEADS, dpt_chunk=2, note="bf16 linear weights + bf16 autocast"
+    ),
+    "fp16": dict(
+        plain=False, precision="fp16", heads=POSING_HEADS, dpt_chunk=2, note="fp16 linear weights + fp16 autocast"
+    ),
+    "bf16-pure": dict(
+        plain=False, precision="bf16-pure", heads=POSING_HEADS, dpt_chunk=2, note="every parameter and activation bf16"
+    ),
 }
 
 
@@ -95,14 +114,26 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
             autocast_dtype, input_dtype = None, torch.float32
         elif variant["precision"] == "bf16-pure":
             model = load_model(
-                "vggt", weights=path, alignment="pretrained", device=device, dtype=torch.bfloat16, config=cfg, heads=variant["heads"]
+                "vggt",
+                weights=path,
+                alignment="pretrained",
+                device=device,
+                dtype=torch.bfloat16,
+                config=cfg,
+                heads=variant["heads"],
             )
             autocast_dtype, input_dtype = None, torch.bfloat16
         else:
             prec = resolve_precision(variant["precision"], device)
             model = load_model(
-                "vggt", weights=path, alignment="pretrained", device=device, dtype=prec.params, config=cfg,
-                storage_dtype=prec.weights, heads=variant["heads"],
+                "vggt",
+                weights=path,
+                alignment="pretrained",
+                device=device,
+                dtype=prec.params,
+                config=cfg,
+                storage_dtype=prec.weights,
+                heads=variant["heads"],
             )
             autocast_dtype, input_dtype = prec.autocast, prec.params
     load_peak = mem.peak_mb()
@@ -113,7 +144,11 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     heads = tuple(variant["heads"])
 
     def forward():
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device.type, enabled=False)
+        ctx = (
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype
+            else torch.autocast(device.type, enabled=False)
+        )
         with torch.no_grad(), ctx:
             return model(images, heads=heads, dpt_frames_chunk=variant["dpt_chunk"])
 
@@ -170,8 +205,14 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         saved["world_points"] = out["world_points"][0].float().cpu()
     elif spec.get("points_for_diff") and "layers" in captured:
         # Not part of the timed posing forward: only so that points can be compared with the baseline.
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else torch.autocast(device.type, enabled=False)
-        head = model.point_head if model.point_head is not None else _point_head_from_file(path, cfg, device, input_dtype)
+        ctx = (
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype
+            else torch.autocast(device.type, enabled=False)
+        )
+        head = (
+            model.point_head if model.point_head is not None else _point_head_from_file(path, cfg, device, input_dtype)
+        )
         with torch.no_grad(), ctx:
             pts, _ = head(captured["layers"], model.aggregator.patch_start_idx, (HEIGHT, WIDTH), variant["dpt_chunk"])
         saved["world_points"] = pts[0].float().cpu()
@@ -269,11 +310,22 @@ def run(
         for name in names:
             out = tmp / f"{name}_{S}.pt"
             spec = dict(
-                variant=name, plain=VARIANTS[name]["plain"], frames=S, device=str(device), config=config, weights=str(weights), out=str(out),
-                repeats=repeats, warmup=1 if cuda else 0, points_for_diff=True, threads=threads,
+                variant=name,
+                plain=VARIANTS[name]["plain"],
+                frames=S,
+                device=str(device),
+                config=config,
+                weights=str(weights),
+                out=str(out),
+                repeats=repeats,
+                warmup=1 if cuda else 0,
+                points_for_diff=True,
+                threads=threads,
             )
             print(f"forward: S={S} {name} ...", flush=True)
-            res = run_worker(Path(__file__), spec, timeout=timeout, min_available_mb=9000 if device.type == "cpu" else 0)
+            res = run_worker(
+                Path(__file__), spec, timeout=timeout, min_available_mb=9000 if device.type == "cpu" else 0
+            )
             res.setdefault("variant", name)
             res.setdefault("frames", S)
             res["note"] = VARIANTS[name]["note"]
@@ -281,7 +333,8 @@ def run(
             if "error" not in res:
                 outs[name] = out
                 print(
-                    f"   forward {res['forward_s']:.1f} s (cpu {res['forward_cpu_s']:.1f} s), peak {res['process_peak_mb']:.0f} MB "
+                    f"   forward {res['forward_s']:.1f} s (cpu {res['forward_cpu_s']:.1f} s), peak "
+                    f"{res['process_peak_mb']:.0f} MB "
                     f"(forward window {res['forward_peak_mb']:.0f} MB), load {res['load_s']:.1f} s",
                     flush=True,
                 )
@@ -328,24 +381,59 @@ def markdown(data: dict[str, Any], env: dict[str, Any]) -> str:
         st = r.get("stages_s", {})
         rows.append(
             [
-                r["frames"], r["variant"], "+".join(h[0] for h in r["heads"]), r["forward_s"], r["forward_cpu_s"],
-                st.get("aggregator"), st.get("depth_head"), st.get("point_head"),
-                r.get("speedup_vs_baseline"), r.get("speedup_cpu_s_vs_baseline"), r["weights_mb"], r["load_peak_mb"], r["forward_peak_mb"], r["process_peak_mb"],
-                r.get("peak_ratio_vs_baseline"), d.get("pose_enc_max_abs"), d.get("depth_max_rel"), d.get("points_max_abs_over_scale"),
+                r["frames"],
+                r["variant"],
+                "+".join(h[0] for h in r["heads"]),
+                r["forward_s"],
+                r["forward_cpu_s"],
+                st.get("aggregator"),
+                st.get("depth_head"),
+                st.get("point_head"),
+                r.get("speedup_vs_baseline"),
+                r.get("speedup_cpu_s_vs_baseline"),
+                r["weights_mb"],
+                r["load_peak_mb"],
+                r["forward_peak_mb"],
+                r["process_peak_mb"],
+                r.get("peak_ratio_vs_baseline"),
+                d.get("pose_enc_max_abs"),
+                d.get("depth_max_rel"),
+                d.get("points_max_abs_over_scale"),
             ]
         )
     header = [
-        "S", "variant", "heads", "forward s", "cpu s", "aggregator s", "depth head s", "point head s", "speed-up", "speed-up (cpu s)",
-        "weights MB", "load peak MB", "forward peak MB", "process peak MB", "peak ratio", "pose max abs", "depth max rel", "points err/scale",
+        "S",
+        "variant",
+        "heads",
+        "forward s",
+        "cpu s",
+        "aggregator s",
+        "depth head s",
+        "point head s",
+        "speed-up",
+        "speed-up (cpu s)",
+        "weights MB",
+        "load peak MB",
+        "forward peak MB",
+        "process peak MB",
+        "peak ratio",
+        "pose max abs",
+        "depth max rel",
+        "points err/scale",
     ]
     growth = ", ".join(f"{k}: {v:.0f} MB/frame" for k, v in data["mb_per_extra_frame"].items() if v is not None)
-    notes = "\n".join(f"- `{k}`: {v['note']}" for k, v in VARIANTS.items() if any(r["variant"] == k for r in data["runs"]))
+    notes = "\n".join(
+        f"- `{k}`: {v['note']}" for k, v in VARIANTS.items() if any(r["variant"] == k for r in data["runs"])
+    )
     return (
-        f"# Backbone forward ({data['config']} VGGT-1B architecture, random weights, {data['image_hw'][1]}x{data['image_hw'][0]}, {env['device']})\n\n"
-        f"{env.get('cpu_model') or ''} ({env['cpu_capability']}, {env['threads']} threads), torch {env['torch']}, load average at start "
+        f"# Backbone forward ({data['config']} VGGT-1B architecture, random weights, "
+        f"{data['image_hw'][1]}x{data['image_hw'][0]}, {env['device']})\n\n"
+        f"{env.get('cpu_model') or ''} ({env['cpu_capability']}, {env['threads']} threads), torch "
+        f"{env['torch']}, load average at start "
         f"{env.get('load_average_1_5_15')}\n\n"
         + md_table(header, rows)
-        + f"\n\nForward-window peak growth: {growth}.\n\nheads: c = camera, d = depth, p = points. Speed-up and peak ratio are "
+        + f"\n\nForward-window peak growth: {growth}.\n\nheads: c = camera, d = depth, p = "
+        "points. Speed-up and peak ratio are "
         "against the baseline of the same S in the same run; output differences are against the baseline's outputs "
         "(points of optimised variants come from an extra, untimed point-head pass).\n\n" + notes + "\n"
     )
@@ -355,20 +443,36 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--frames", default="2,4,8", help="comma-separated frame counts (add 16 where it fits)")
-    ap.add_argument("--variants", default="auto", help="comma-separated: auto (the machine's optimised path) or names: " + ", ".join(VARIANTS))
-    ap.add_argument("--exact-frames", default="2", help="frame counts at which the bit-exact fp32 optimised path also runs")
+    ap.add_argument(
+        "--variants",
+        default="auto",
+        help="comma-separated: auto (the machine's optimised path) or names: " + ", ".join(VARIANTS),
+    )
+    ap.add_argument(
+        "--exact-frames", default="2", help="frame counts at which the bit-exact fp32 optimised path also runs"
+    )
     ap.add_argument("--config", default="full", choices=["full", "small", "tiny"])
-    ap.add_argument("--repeats", type=int, default=None, help="timed forwards per configuration (default: 1 on CPU, 3 on CUDA)")
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="timed forwards per configuration (default: 1 on CPU, 3 on CUDA)"
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    ap.add_argument("--append", action="store_true", help="merge into the existing results file (replacing the same frame counts)")
+    ap.add_argument(
+        "--append", action="store_true", help="merge into the existing results file (replacing the same frame counts)"
+    )
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     variants = [optimised_variant(device) if v == "auto" else v for v in args.variants.split(",")]
     env = environment(device)
     data = run(
-        device, [int(s) for s in args.frames.split(",")], variants,
-        [int(s) for s in args.exact_frames.split(",") if s], args.cache_dir, args.config, args.repeats, args.threads,
+        device,
+        [int(s) for s in args.frames.split(",")],
+        variants,
+        [int(s) for s in args.exact_frames.split(",") if s],
+        args.cache_dir,
+        args.config,
+        args.repeats,
+        args.threads,
     )
     data["environment"] = env
     data["optimised_variant"] = optimised_variant(device)
@@ -377,7 +481,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         old = json.loads(previous.read_text())
         new_frames = {r["frames"] for r in data["runs"]}
         data["runs"] = sorted(
-            [r for r in old["runs"] if r["frames"] not in new_frames] + data["runs"], key=lambda r: (r["frames"], r["variant"] != "baseline")
+            [r for r in old["runs"] if r["frames"] not in new_frames] + data["runs"],
+            key=lambda r: (r["frames"], r["variant"] != "baseline"),
         )
         data["environment_earlier_runs"] = old.get("environment")
         finalize(data)

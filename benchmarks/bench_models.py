@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-
 from _common import Memory, Stopwatch, environment, example_frames, md_table, run_worker, worker_main, write_results
 
 HEIGHT, WIDTH = 392, 518
@@ -32,13 +31,15 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     mem = Memory(device)
     with Stopwatch(device) as load:
         model = load_model(
-            spec["model"], weights="random", alignment="pretrained" if spec.get("tiny") else "aligned", device=device, dtype=prec.params,
-            storage_dtype=prec.weights, heads=adapter.heads,
+            spec["model"], weights="random", alignment="pretrained" if spec.get("tiny") else "aligned", device=device,
+            dtype=prec.params, storage_dtype=prec.weights, heads=adapter.heads,
             config=get_spec(spec["model"]).tiny_config() if spec.get("tiny") else None,
         )  # fmt: skip
     load_peak = mem.peak_mb()
     backbone = adapter(model, dtype=prec.compute, name=spec["model"])
-    images = example_frames(spec["frames"], 98, 126) if spec.get("tiny") else example_frames(spec["frames"], HEIGHT, WIDTH)
+    images = (
+        example_frames(spec["frames"], 98, 126) if spec.get("tiny") else example_frames(spec["frames"], HEIGHT, WIDTH)
+    )
     resident = mem.now_mb()
     mem.reset()
     import ns_extreme.posing.focal as focal
@@ -74,20 +75,22 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
     rows = [
-        [r["model"], r["frames"], r.get("precision"), r.get("parameters"), r.get("forward_s"), r.get("forward_cpu_s"), r.get("focal_fit_s"),
-         r.get("resident_mb"), r.get("forward_peak_mb"), r.get("error")]
+        [r["model"], r["frames"], r.get("precision"), r.get("parameters"), r.get("forward_s"), r.get("forward_cpu_s"),
+         r.get("focal_fit_s"), r.get("resident_mb"), r.get("forward_peak_mb"), r.get("error")]
         for r in results
     ]  # fmt: skip
     return "\n".join([
         f"# VGGT vs π³ forward ({env['device']})",
         "",
-        f"{env.get('cpu_model') or ''} ({env['cpu_capability']}, {env['threads']} threads), torch {env['torch']}, {env['date']}; "
+        f"{env.get('cpu_model') or ''} ({env['cpu_capability']}, {env['threads']} threads), torch "
+        f"{env['torch']}, {env['date']}; "
         f"load average at start {env.get('load_average_1_5_15')}.",
         "",
         "Full-size architectures, random weights with the released alignment, 518×392, the heads posing runs "
         "(VGGT camera + depth; π³ all, plus its focal-length fit), one fresh process per row.",
         "",
-        md_table(["model", "S", "precision", "parameters", "forward s", "CPU s", "of which focal fit s", "resident MB", "forward peak MB", "error"], rows),
+        md_table(["model", "S", "precision", "parameters", "forward s", "CPU s", "of which focal fit s", "resident MB",
+                  "forward peak MB", "error"], rows),
     ])  # fmt: skip
 
 
@@ -105,7 +108,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for name in args.models.split(","):
             print(f"models: {name} S={S} ...", flush=True)
             spec = dict(model=name, frames=S, device=str(device), precision=args.precision, tiny=args.tiny)
-            res = run_worker(Path(__file__), spec, min_available_mb=9000 if device.type == "cpu" and not args.tiny else 0)
+            res = run_worker(
+                Path(__file__), spec, min_available_mb=9000 if device.type == "cpu" and not args.tiny else 0
+            )
             res.setdefault("model", name)
             res.setdefault("frames", S)
             print(f"   {res}", flush=True)

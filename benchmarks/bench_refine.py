@@ -35,11 +35,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import pycolmap  # noqa: E402
+from posing_helpers import Reference, load_reference, noisy_reference, pose_errors, rotation_angle_deg  # noqa: E402
 
 from ns_extreme.posing.refine import RefineOptions, refine_poses  # noqa: E402
 from ns_extreme.posing.refine.matching import extract_features, match_pairs, quiet_colmap  # noqa: E402
 from ns_extreme.posing.refine.pairs import select_pairs  # noqa: E402
-from posing_helpers import Reference, load_reference, noisy_reference, pose_errors, rotation_angle_deg  # noqa: E402
 
 SCENES = ("strecha_fountain-P11", "strecha_Herz-Jesus-P8", "strecha_castle-P19_odd9", "hloc_sacre_coeur")
 LEVELS = ((0.0, 0.0, 0.0), (2.0, 0.02, 0.02), (5.0, 0.05, 0.05), (10.0, 0.05, 0.10), (20.0, 0.10, 0.10))
@@ -53,12 +53,17 @@ def machine() -> str:
     amx = "amx_bf16" in open("/proc/cpuinfo").read()
     import os
 
-    return f"{cpu}, {os.cpu_count()} cores, {'AMX' if amx else 'no AMX'}, {platform.python_version()}, pycolmap {pycolmap.__version__}"
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {'AMX' if amx else 'no AMX'}, {platform.python_version()}, "
+        f"pycolmap {pycolmap.__version__}"
+    )
 
 
 def relative_errors(w2c: np.ndarray, ref: Reference, views: list[int]) -> np.ndarray:
     R, G = w2c[:, :3, :3], ref.w2c[:, :3, :3]
-    return np.array([rotation_angle_deg(R[j] @ R[i].T, G[j] @ G[i].T) for a, i in enumerate(views) for j in views[a + 1 :]])
+    return np.array(
+        [rotation_angle_deg(R[j] @ R[i].T, G[j] @ G[i].T) for a, i in enumerate(views) for j in views[a + 1 :]]
+    )
 
 
 def stats(w2c: np.ndarray, ref: Reference, views: list[int]) -> dict[str, float]:
@@ -126,7 +131,11 @@ def run_level(scene: str, level: tuple[float, float, float], seed: int = 0) -> d
             "timings": ours.timings,
             "focal_error_max": float(np.abs(ours.intrinsics[:, 0, 0] / ref.K[:, 0, 0] - 1).max()),
         },
-        "colmap": {"registered": len(registered), "on_colmap_views": stats(colmap_w2c, ref, registered), "timings": colmap_t},
+        "colmap": {
+            "registered": len(registered),
+            "on_colmap_views": stats(colmap_w2c, ref, registered),
+            "timings": colmap_t,
+        },
     }
 
 
@@ -145,7 +154,12 @@ def timing_1600(tmp: Path) -> dict:
     result = refine_poses(paths, noisy.w2c, noisy.K, big_ref.sizes_wh, RefineOptions(), progress=False)
     total = time.perf_counter() - t
     rel = relative_errors(result.w2c_opencv, big_ref, list(range(10)))
-    return {"total_s": total, "timings": result.timings, "refined": result.num_refined, "median_rel_deg": float(np.median(rel))}
+    return {
+        "total_s": total,
+        "timings": result.timings,
+        "refined": result.num_refined,
+        "median_rel_deg": float(np.median(rel)),
+    }
 
 
 def fmt(x: float, digits: int = 2) -> str:
@@ -158,7 +172,8 @@ def markdown(rows: list[dict], timing: dict, host: str) -> str:
         "",
         f"Machine: {host}. Same SIFT features (1600-px cap; dev_small images are 768 px or smaller) for both.",
         "Errors: relative rotation over pairs of posed views (degrees, median / max) and camera centres after a",
-        "similarity fit (max, fraction of the extent). 'on COLMAP's views' compares both on the views COLMAP registered.",
+        "similarity fit (max, fraction of the extent). 'on COLMAP's views' compares both "
+        "on the views COLMAP registered.",
         "",
         "| scene | input error (rot° / pos / focal) | ours: refined / posed | ours: all views med / max ° | "
         "COLMAP: registered | on COLMAP's views, ours med / max ° | COLMAP med / max ° | ours centre | COLMAP centre | "
@@ -171,7 +186,8 @@ def markdown(rows: list[dict], timing: dict, host: str) -> str:
         ct = c["timings"]
         lines.append(
             f"| {r['scene']} | {r['rotation_deg']:g} / {r['position']:.0%} / {r['focal']:.0%} | "
-            f"{o['refined']} / {o['posed']} of {r['views']} | {fmt(o['all']['median_rel_deg'])} / {fmt(o['all']['max_rel_deg'])} | "
+            f"{o['refined']} / {o['posed']} of {r['views']} | {fmt(o['all']['median_rel_deg'])} / "
+            f"{fmt(o['all']['max_rel_deg'])} | "
             f"{c['registered']} of {r['views']} | {fmt(o['on_colmap_views']['median_rel_deg'])} / "
             f"{fmt(o['on_colmap_views']['max_rel_deg'])} | {fmt(c['on_colmap_views']['median_rel_deg'])} / "
             f"{fmt(c['on_colmap_views']['max_rel_deg'])} | {fmt(o['on_colmap_views']['max_centre'], 4)} | "
@@ -183,9 +199,12 @@ def markdown(rows: list[dict], timing: dict, host: str) -> str:
         t = timing["timings"]
         lines += [
             "",
-            f"Timing target (10 images at 1600 px, < 60 s): **{timing['total_s']:.1f} s** (features {t.get('features_s', 0):.1f} s, "
-            f"matching {t.get('matching_s', 0):.1f} s, BA {t.get('bundle_adjustment_s', 0):.1f} s); {timing['refined']} of 10 "
-            f"refined, median relative-rotation error {timing['median_rel_deg']:.3f}° (fountain upsampled to 2400x1600, inputs 5° off).",
+            f"Timing target (10 images at 1600 px, < 60 s): **{timing['total_s']:.1f} s** (features "
+            f"{t.get('features_s', 0):.1f} s, "
+            f"matching {t.get('matching_s', 0):.1f} s, BA {t.get('bundle_adjustment_s', 0):.1f} "
+            f"s); {timing['refined']} of 10 "
+            f"refined, median relative-rotation error {timing['median_rel_deg']:.3f}° (fountain "
+            "upsampled to 2400x1600, inputs 5° off).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -202,8 +221,10 @@ def main() -> None:
             row = run_level(scene, level)
             o = row["ours"]
             print(
-                f"{scene} {level}: ours {o['refined']}/{row['views']} refined, all med {o['all']['median_rel_deg']:.3f}°, "
-                f"COLMAP {row['colmap']['registered']} registered, med {row['colmap']['on_colmap_views']['median_rel_deg']:.3f}° "
+                f"{scene} {level}: ours {o['refined']}/{row['views']} refined, all med "
+                f"{o['all']['median_rel_deg']:.3f}°, "
+                f"COLMAP {row['colmap']['registered']} registered, med "
+                f"{row['colmap']['on_colmap_views']['median_rel_deg']:.3f}° "
                 f"(ours on those {o['on_colmap_views']['median_rel_deg']:.3f}°), {o['time_s']:.1f} s",
                 flush=True,
             )

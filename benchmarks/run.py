@@ -16,12 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-
 import bench_align_step  # noqa: E402
 import bench_forward  # noqa: E402
 import bench_models  # noqa: E402
 import bench_posing  # noqa: E402
+import torch  # noqa: E402
 from _common import RESULTS, default_cache_dir, environment  # noqa: E402
 
 
@@ -33,7 +32,8 @@ def summary(device: torch.device, fwd, pose, align, env, minutes: float, models=
     lines = [
         f"# ns_extreme benchmark summary ({device.type})",
         "",
-        f"{env.get('cpu_model') or ''} ({env['cpu_capability']}, {env['threads']} threads, {env.get('mem_total_gb')} GB)"
+        f"{env.get('cpu_model') or ''} ({env['cpu_capability']}, {env['threads']} "
+        f"threads, {env.get('mem_total_gb')} GB)"
         + (f", GPU {env.get('gpu')}" if env.get("gpu") else "")
         + f", torch {env['torch']}, {env['date']}"
         + (f"; whole run {minutes:.0f} min" if minutes == minutes else "")
@@ -43,7 +43,11 @@ def summary(device: torch.device, fwd, pose, align, env, minutes: float, models=
     if fwd:
         opt = fwd["optimised_variant"]
         lines += [f"## Forward (full-size architecture, 518x392): optimised = `{opt}` vs plain fp32 baseline", ""]
-        lines += ["| S | baseline s | optimised s | speed-up (wall) | speed-up (CPU s) | baseline peak MB | optimised peak MB | peak ratio | pose max abs | depth max rel | points err/scale |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "| S | baseline s | optimised s | speed-up (wall) | speed-up (CPU s) | baseline peak MB | optimised peak "
+            "MB | peak ratio | pose max abs | depth max rel | points err/scale |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         runs = [r for r in fwd["runs"] if "error" not in r]
         for S in sorted({r["frames"] for r in runs}):
             b = next((r for r in runs if r["frames"] == S and r["variant"] == "baseline"), None)
@@ -53,20 +57,28 @@ def summary(device: torch.device, fwd, pose, align, env, minutes: float, models=
             d = o.get("diff_vs_baseline", {})
             lines.append(
                 f"| {S} | {b['forward_s']:.1f} | {o['forward_s']:.1f} | {b['forward_s'] / o['forward_s']:.2f}× | "
-                f"{b['forward_cpu_s'] / o['forward_cpu_s']:.2f}× | {b['process_peak_mb']:,.0f} | {o['process_peak_mb']:,.0f} | "
+                f"{b['forward_cpu_s'] / o['forward_cpu_s']:.2f}× | {b['process_peak_mb']:,.0f} | "
+                f"{o['process_peak_mb']:,.0f} | "
                 f"{o['process_peak_mb'] / b['process_peak_mb']:.2f} | {_f(d.get('pose_enc_max_abs'), '{:.2e}')} | "
                 f"{_f(d.get('depth_max_rel'), '{:.2e}')} | {_f(d.get('points_max_abs_over_scale'), '{:.2e}')} |"
             )
         exact = [r for r in runs if r["variant"] == "fp32"]
         for r in exact:
             d = r.get("diff_vs_baseline", {})
+            base = next(b for b in runs if b["frames"] == r["frames"] and b["variant"] == "baseline")
             lines.append(
-                f"\nBit-exact optimised fp32 path (S={r['frames']}): {r['forward_s']:.1f} s, speed-up {r.get('speedup_vs_baseline', 0):.2f}× wall / "
-                f"{next(b for b in runs if b['frames'] == r['frames'] and b['variant'] == 'baseline')['forward_cpu_s'] / r['forward_cpu_s']:.2f}× CPU s, "
-                f"peak {r['process_peak_mb']:,.0f} MB; pose/depth bit-exact with the baseline: {d.get('pose_enc_bit_exact')}/{d.get('depth_bit_exact')}."
+                f"\nBit-exact optimised fp32 path (S={r['frames']}): {r['forward_s']:.1f} s, speed-up "
+                f"{r.get('speedup_vs_baseline', 0):.2f}× wall / "
+                f"{base['forward_cpu_s'] / r['forward_cpu_s']:.2f}× CPU s, "
+                f"peak {r['process_peak_mb']:,.0f} MB; pose/depth bit-exact with the baseline: "
+                f"{d.get('pose_enc_bit_exact')}/{d.get('depth_bit_exact')}."
             )
         growth = fwd.get("mb_per_extra_frame", {})
-        lines.append("\nForward-peak growth per extra frame: " + ", ".join(f"{k} {v:.0f} MB" for k, v in growth.items() if v is not None) + ".")
+        lines.append(
+            "\nForward-peak growth per extra frame: "
+            + ", ".join(f"{k} {v:.0f} MB" for k, v in growth.items() if v is not None)
+            + "."
+        )
         lines.append("Details: forward_%s.md" % device.type)
         lines.append("")
     if pose:
@@ -76,14 +88,20 @@ def summary(device: torch.device, fwd, pose, align, env, minutes: float, models=
                 lines.append(f"- example scene ({r.get('precision')}): error {r['error'].splitlines()[0]}")
                 continue
             lines.append(
-                f"- example scene, {r['images']} images at {r['network_input_hw'][1]}x{r['network_input_hw'][0]}, precision {r['precision']}: "
-                f"posing {r['pose_s']:.0f} s ({r['images_per_minute']:.1f} images/min; inference {r['inference_s']:.0f} s), model load "
-                f"{r['load_s']:.0f} s, dataset write {_f(r.get('write_s'), '{:.1f}')} s; peak {r['process_peak_mb']:,.0f} MB."
+                f"- example scene, {r['images']} images at "
+                f"{r['network_input_hw'][1]}x{r['network_input_hw'][0]}, precision {r['precision']}: "
+                f"posing {r['pose_s']:.0f} s ({r['images_per_minute']:.1f} images/min; inference "
+                f"{r['inference_s']:.0f} s), model load "
+                f"{r['load_s']:.0f} s, dataset write {_f(r.get('write_s'), '{:.1f}')} s; peak "
+                f"{r['process_peak_mb']:,.0f} MB."
             )
         for label in ("chunked", "unchunked"):
             if f"{label}_mb_per_image" in pose:
                 lo, hi = pose[f"{label}_peak_range_mb"]
-                lines.append(f"- {label} small-config sweep: {pose[label + '_mb_per_image']:.2f} MB per extra image (peak {lo:,.0f}–{hi:,.0f} MB).")
+                lines.append(
+                    f"- {label} small-config sweep: {pose[label + '_mb_per_image']:.2f} MB per extra image "
+                    f"(peak {lo:,.0f}–{hi:,.0f} MB)."
+                )
         lines.append("Details: posing_%s.md\n" % device.type)
     if align:
         lines += ["## One bias-tuning step (2 images, full size, fp32)", ""]
@@ -92,10 +110,13 @@ def summary(device: torch.device, fwd, pose, align, env, minutes: float, models=
                 lines.append(f"- checkpointing={r.get('checkpointing')}: error {r['error'].splitlines()[0]}")
                 continue
             lines.append(
-                f"- checkpointing={r['checkpointing']}: step {r['step_s']:.0f} s (forward {r['forward_s']:.0f}, backward {r['backward_s']:.0f}, "
-                f"optimizer {r['optimizer_s']:.3f}); peak {r['step_peak_mb']:,.0f} MB (weights {r['weights_mb']:,.0f} MB, "
+                f"- checkpointing={r['checkpointing']}: step {r['step_s']:.0f} s (forward {r['forward_s']:.0f}, "
+                f"backward {r['backward_s']:.0f}, "
+                f"optimizer {r['optimizer_s']:.3f}); peak {r['step_peak_mb']:,.0f} MB "
+                f"(weights {r['weights_mb']:,.0f} MB, "
                 f"{r['step_extra_mb']:,.0f} MB above the resident model); "
-                f"{r['values_with_grad']:,} values in {r['tensors_with_grad']} tensors hold gradients (exactly the bias set: "
+                f"{r['values_with_grad']:,} values in {r['tensors_with_grad']} tensors hold "
+                "gradients (exactly the bias set: "
                 f"{r['grads_are_exactly_the_bias_set']}), optimizer state {r['optimizer_state_values']:,} values."
             )
         lines.append("Details: align_step_%s.md\n" % device.type)
@@ -106,7 +127,10 @@ def summary(device: torch.device, fwd, pose, align, env, minutes: float, models=
             if "error" in r:
                 lines.append(f"| {r['model']} | {r['frames']} | error | | |")
                 continue
-            lines.append(f"| {r['model']} | {r['frames']} | {r['forward_s']:.1f} | {r['forward_cpu_s']:.0f} | {r['forward_peak_mb']:,.0f} |")
+            lines.append(
+                f"| {r['model']} | {r['frames']} | {r['forward_s']:.1f} | {r['forward_cpu_s']:.0f} "
+                f"| {r['forward_peak_mb']:,.0f} |"
+            )
         lines.append("\nDetails: models_%s.md\n" % device.type)
     return "\n".join(lines) + "\n"
 
@@ -117,9 +141,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--frames", default=None, help="forward frame counts (default 2,4,8; 2,4,8,16,32 on CUDA)")
     ap.add_argument("--skip", default="", help="comma-separated: forward, posing, align, models")
-    ap.add_argument("--align-no-checkpointing-too", action="store_true", help="also time the bias step without checkpointing")
+    ap.add_argument(
+        "--align-no-checkpointing-too", action="store_true", help="also time the bias step without checkpointing"
+    )
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
-    ap.add_argument("--summary-only", action="store_true", help="only rebuild summary_<device>.md from the results JSON files")
+    ap.add_argument(
+        "--summary-only", action="store_true", help="only rebuild summary_<device>.md from the results JSON files"
+    )
     args = ap.parse_args()
     device = torch.device(args.device)
     skip = set(filter(None, args.skip.split(",")))

@@ -3,7 +3,8 @@
     .venv/bin/python examples/pose_with_python.py examples/sacre_coeur/images outputs/sacre_coeur_api
     # without the VGGT-1B weights, try the wiring with a tiny random model:
     .venv/bin/python examples/pose_with_python.py examples/sacre_coeur/images outputs/tiny --weights random --tiny
-"""
+"""  # fmt: skip
+# (fmt: skip: the docstring is the --help text, shown raw, so its commands stay indented)
 
 from __future__ import annotations
 
@@ -25,8 +26,13 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="use the tiny test configuration")
     args = parser.parse_args()
 
-    model = load_model("vggt", weights=args.weights, alignment="aligned" if not args.tiny else "pretrained",
-                       config=VGGTConfig.tiny() if args.tiny else None, heads=VGGTBackbone.heads)  # no point head
+    model = load_model(
+        "vggt",
+        weights=args.weights,
+        alignment="aligned" if not args.tiny else "pretrained",
+        config=VGGTConfig.tiny() if args.tiny else None,
+        heads=VGGTBackbone.heads,
+    )  # no point head
     print(model.load_report.summary())
     backbone = VGGTBackbone(model, target_size=140 if args.tiny else 518)
     recon = pose_images(list_images(args.images), backbone, PosingOptions(conf_percentile=50, max_points=50_000))

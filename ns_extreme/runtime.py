@@ -30,7 +30,10 @@ def resolve_device(name: str) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX-512 BF16 make bfloat16 matmuls faster than float32 on CPU; plain AVX2 does not."""
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or "AMX" in torch.backends.cpu.get_cpu_capability()
+    return (
+        torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
+        or "AMX" in torch.backends.cpu.get_cpu_capability()
+    )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

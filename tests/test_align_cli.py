@@ -1,4 +1,5 @@
-"""``ns-extreme-align``: help texts, one-line errors with exit code 2, presets, and pairs -> train -> eval end to end."""
+"""``ns-extreme-align``: help texts, one-line errors with exit code 2, presets, and pairs -> train -> eval
+end to end."""
 
 from __future__ import annotations
 
@@ -46,8 +47,20 @@ def run_many(commands: dict[str, list[str]], cwd: Path) -> dict[str, subprocess.
 
 @pytest.fixture(scope="module")
 def pickled_npy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    view = {"path": "scenes/a/0/images/x.jpg", "qw": 1.0, "qx": 0.0, "qy": 0.0, "qz": 0.0, "fx": 500.0, "fy": 500.0, "width": 640, "height": 480}
-    data = {0: {"img1": view, "img2": dict(view, path="scenes/a/0/images/y.jpg"), "overlap_amount": "large", "scene": "a"}}
+    view = {
+        "path": "scenes/a/0/images/x.jpg",
+        "qw": 1.0,
+        "qx": 0.0,
+        "qy": 0.0,
+        "qz": 0.0,
+        "fx": 500.0,
+        "fy": 500.0,
+        "width": 640,
+        "height": 480,
+    }
+    data = {
+        0: {"img1": view, "img2": dict(view, path="scenes/a/0/images/y.jpg"), "overlap_amount": "large", "scene": "a"}
+    }
     path = tmp_path_factory.mktemp("npy") / "UnScenePairs.npy"
     np.save(path, np.array(data, dtype=object), allow_pickle=True)
     return path
@@ -68,7 +81,14 @@ def test_console_script_help_and_user_errors(tmp_path: Path, pickled_npy: Path) 
         {
             "help": exe + ["--help"],
             # the module is runnable too (python -m), with the same error handling
-            "missing_pairs": [sys.executable, "-m", "ns_extreme.cli.align", "train", "--pairs", str(tmp_path / "missing.json")],
+            "missing_pairs": [
+                sys.executable,
+                "-m",
+                "ns_extreme.cli.align",
+                "train",
+                "--pairs",
+                str(tmp_path / "missing.json"),
+            ],
             "pickle": exe + ["pairs", "--sources", str(pickled_npy), "--output", str(tmp_path / "p.json")],
         },
         cwd=tmp_path,
@@ -84,13 +104,66 @@ def test_console_script_help_and_user_errors(tmp_path: Path, pickled_npy: Path) 
 @pytest.mark.parametrize(
     "sub, options",
     [
-        ("pairs", ["--sources", "--output", "--strategy", "--k", "--balance", "--max-pairs-per-scene", "--allow-pickle", "--root"]),
-        ("train", ["--pairs", "--images-root", "--model", "--weights", "--init-alignment", "--bias-set", "--epochs", "--batch-size",
-                   "--lr", "--weight-decay", "--warmup-steps", "--grad-clip", "--bf16", "--gradient-checkpointing", "--image-size",
-                   "--color-jitter", "--swap-prob", "--seed", "--output-dir", "--checkpoint-every", "--resume", "--max-steps",
-                   "--device", "--num-workers", "--log-every", "--preset"]),
-        ("eval", ["--pairs", "--models", "--weights", "--image-size", "--device", "--dtype", "--output-dir", "--batch-size",
-                  "--max-pairs", "--images-root", "--preset"]),
+        (
+            "pairs",
+            [
+                "--sources",
+                "--output",
+                "--strategy",
+                "--k",
+                "--balance",
+                "--max-pairs-per-scene",
+                "--allow-pickle",
+                "--root",
+            ],
+        ),
+        (
+            "train",
+            [
+                "--pairs",
+                "--images-root",
+                "--model",
+                "--weights",
+                "--init-alignment",
+                "--bias-set",
+                "--epochs",
+                "--batch-size",
+                "--lr",
+                "--weight-decay",
+                "--warmup-steps",
+                "--grad-clip",
+                "--bf16",
+                "--gradient-checkpointing",
+                "--image-size",
+                "--color-jitter",
+                "--swap-prob",
+                "--seed",
+                "--output-dir",
+                "--checkpoint-every",
+                "--resume",
+                "--max-steps",
+                "--device",
+                "--num-workers",
+                "--log-every",
+                "--preset",
+            ],
+        ),
+        (
+            "eval",
+            [
+                "--pairs",
+                "--models",
+                "--weights",
+                "--image-size",
+                "--device",
+                "--dtype",
+                "--output-dir",
+                "--batch-size",
+                "--max-pairs",
+                "--images-root",
+                "--preset",
+            ],
+        ),
     ],
 )
 def test_subcommand_help(sub: str, options: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -158,7 +231,12 @@ def test_a_flag_overrides_the_preset_wherever_it_stands(tmp_path: Path) -> None:
     for argv in (before, after):
         cfg = parse_with_preset(argv)
         assert isinstance(cfg, TrainConfig) and cfg.epochs == 7, argv
-        assert cfg.lr == 1e-3 and cfg.output_dir == Path("runs/x") and cfg.bias_set == ("paper",) and cfg.pairs == Path("p.json")
+        assert (
+            cfg.lr == 1e-3
+            and cfg.output_dir == Path("runs/x")
+            and cfg.bias_set == ("paper",)
+            and cfg.pairs == Path("p.json")
+        )
     with pytest.raises(SystemExit):
         parse_with_preset(["train", "--preset", str(preset)])  # --pairs is still required
 
@@ -174,23 +252,101 @@ def test_pairs_train_eval_end_to_end(
     torch.set_num_threads(1)
     try:
         pairs = tmp_path / "pairs.json"
-        assert cli.main(["pairs", "--sources", str(dev_small / CASTLE), "--strategy", "all", "--max-pairs-per-scene", "6",
-                         "--output", str(pairs)]) == 0
+        assert (
+            cli.main(
+                [
+                    "pairs",
+                    "--sources",
+                    str(dev_small / CASTLE),
+                    "--strategy",
+                    "all",
+                    "--max-pairs-per-scene",
+                    "6",
+                    "--output",
+                    str(pairs),
+                ]
+            )
+            == 0
+        )
         pl = PairList.load_json(pairs)
         assert len(pl) == 6 and pl.counts() == {"large": 2, "small": 2, "none": 2}
         assert Path(pl.root) == (dev_small / CASTLE / "images").absolute()
         run = tmp_path / "run"
-        common = ["--weights", "random", "--model-size", "tiny", "--image-size", "56", "--device", "cpu", "--no-progress"]
-        assert cli.main(["train", "--pairs", str(pairs), "--output-dir", str(run), "--max-steps", "2", "--batch-size", "3",
-                         "--lr", "1e-2", *common]) == 0
+        common = [
+            "--weights",
+            "random",
+            "--model-size",
+            "tiny",
+            "--image-size",
+            "56",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ]
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--pairs",
+                    str(pairs),
+                    "--output-dir",
+                    str(run),
+                    "--max-steps",
+                    "2",
+                    "--batch-size",
+                    "3",
+                    "--lr",
+                    "1e-2",
+                    *common,
+                ]
+            )
+            == 0
+        )
         assert (run / "biases.pth").is_file() and (run / "checkpoints" / "step-000002.ckpt").is_file()
         assert cli.main(["train", "--pairs", str(pairs), "--output-dir", str(run), "--max-steps", "3", *common]) == 2
         assert "--resume" in capsys.readouterr().err
-        assert cli.main(["train", "--pairs", str(pairs), "--output-dir", str(run), "--max-steps", "3", "--batch-size", "3",
-                         "--lr", "1e-2", "--resume", *common]) == 0
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--pairs",
+                    str(pairs),
+                    "--output-dir",
+                    str(run),
+                    "--max-steps",
+                    "3",
+                    "--batch-size",
+                    "3",
+                    "--lr",
+                    "1e-2",
+                    "--resume",
+                    *common,
+                ]
+            )
+            == 0
+        )
         ev = tmp_path / "ev"
-        assert cli.main(["eval", "--pairs", str(pairs), "--output-dir", str(ev), "--models", "pretrained",
-                         f"tuned={run / 'biases.pth'}", "--dtype", "fp32", "--batch-size", "2", "--view", *common]) == 0
+        assert (
+            cli.main(
+                [
+                    "eval",
+                    "--pairs",
+                    str(pairs),
+                    "--output-dir",
+                    str(ev),
+                    "--models",
+                    "pretrained",
+                    f"tuned={run / 'biases.pth'}",
+                    "--dtype",
+                    "fp32",
+                    "--batch-size",
+                    "2",
+                    "--view",
+                    *common,
+                ]
+            )
+            == 0
+        )
         assert [(p, kw["host"]) for p, kw in served] == [(ev / "report.json", "127.0.0.1")]
         out = capsys.readouterr().out
         assert "tuned MRE°" in out and "pretrained MRE°" in out
@@ -201,12 +357,29 @@ def test_pairs_train_eval_end_to_end(
         torch.set_num_threads(torch_threads)
 
 
-def test_pairs_from_several_sources_and_npy_import(tmp_path: Path, dev_small: Path, pickled_npy: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_pairs_from_several_sources_and_npy_import(
+    tmp_path: Path, dev_small: Path, pickled_npy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "multi.json"
     fountain = dev_small / "strecha_fountain-P11" / "transforms.json"
-    assert cli.main(["pairs", "--sources", str(dev_small / CASTLE), str(fountain), "--strategy", "knn-direction",
-                     "--k", "3", "--no-balance", "--output", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "pairs",
+                "--sources",
+                str(dev_small / CASTLE),
+                str(fountain),
+                "--strategy",
+                "knn-direction",
+                "--k",
+                "3",
+                "--no-balance",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     pl = PairList.load_json(out)
     assert Path(pl.root) == dev_small.absolute()  # the common parent of both image folders
     scenes = {r.scene for r in pl.records}

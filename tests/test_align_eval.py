@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import colmap_w2c_rotations
+
 from ns_extreme.align.evaluate import EvalConfig, evaluate, parse_alignment_arg, parse_alignment_args
 from ns_extreme.align.pairs import PairList, mine_pairs, views_from_colmap
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
@@ -45,8 +45,17 @@ def eval_pairs(tmp_path_factory: pytest.TempPathFactory, dev_small: Path) -> Pat
 
 def cfg_for(pairs: Path, out: Path, **kw) -> EvalConfig:
     base = dict(
-        pairs=pairs, output_dir=out, models=("pretrained",), weights="random", model_size="tiny", image_size=56,
-        device="cpu", dtype="fp32", progress=False, seed=SEED, batch_size=4,
+        pairs=pairs,
+        output_dir=out,
+        models=("pretrained",),
+        weights="random",
+        model_size="tiny",
+        image_size=56,
+        device="cpu",
+        dtype="fp32",
+        progress=False,
+        seed=SEED,
+        batch_size=4,
     )
     base.update(kw)
     return EvalConfig(**base)
@@ -100,7 +109,9 @@ def test_report_counts_and_metrics_match_independent_computation(tiny_run, eval_
         assert summary[c]["ra30"] == pytest.approx(100.0 * float(np.mean(reported[labels == c] <= 30.0)))
     assert summary["all"]["mre"] == pytest.approx(float(np.median(reported)), abs=1e-9)
     # per-pair GT angle is the pair list's
-    assert [p["gt_angle_deg"] for p in report["pairs"]] == pytest.approx([r.rel_angle_deg for r in pairs.records], abs=1e-6)
+    assert [p["gt_angle_deg"] for p in report["pairs"]] == pytest.approx(
+        [r.rel_angle_deg for r in pairs.records], abs=1e-6
+    )
     # the random model is no oracle: errors spread over the GT angles
     assert summary["none"]["mre"] > 30.0
 
@@ -150,7 +161,9 @@ def test_bias_checkpoint_models_side_by_side(eval_pairs: Path, tmp_path: Path) -
     changed = {n: t + 2.0 * torch.randn(t.shape, generator=g) for n, t in same.items()}
     write_bias_checkpoint(tmp_path / "run1" / "biases.pth", changed)
     cfg = cfg_for(
-        eval_pairs, tmp_path / "side", models=("pretrained", f"same={tmp_path / 'same.pth'}", str(tmp_path / "run1" / "biases.pth")),
+        eval_pairs,
+        tmp_path / "side",
+        models=("pretrained", f"same={tmp_path / 'same.pth'}", str(tmp_path / "run1" / "biases.pth")),
         max_pairs=10,
     )
     result = evaluate(cfg)

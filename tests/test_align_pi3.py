@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import colmap_w2c_rotations
 from scipy.spatial.transform import Rotation
 
 import ns_extreme.align.train as train_mod
-from conftest import colmap_w2c_rotations
 from ns_extreme.align.loss import rotation_loss
 from ns_extreme.align.pairs import PairList
 from ns_extreme.cli import align as cli
@@ -67,7 +67,9 @@ def test_pi3_loss_has_no_anchor_term() -> None:
     estimates = spec.w2c_rotations({"camera_poses": poses})
     out = rotation_loss(estimates, R_gt, spec.reference_frame)
     assert out.loss.item() == pytest.approx(0.0, abs=3e-3)  # the clamp (1 - 1e-6) leaves ~1.4e-3 rad at exactly 0
-    assert math.degrees(out.anchor_error.item()) == pytest.approx(math.degrees(math.acos((W.trace().item() - 1) / 2)), abs=0.2)
+    assert math.degrees(out.anchor_error.item()) == pytest.approx(
+        math.degrees(math.acos((W.trace().item() - 1) / 2)), abs=0.2
+    )
     assert rotation_loss(estimates, R_gt, True).loss.item() == pytest.approx(out.anchor_error.item(), abs=3e-3)
     # a wrong relative rotation is penalised by its angle
     wrong = c2w_poses(W @ torch.stack([R_gt[0, 0], rot("y", 30) @ R_gt[0, 1]]).transpose(-1, -2))[None]
@@ -85,7 +87,10 @@ def test_paper_bias_names_match_released_pi3_checkpoint(bias_ckpts: Path) -> Non
     params = dict(full.named_parameters())
     assert all(tuple(params[n].shape) == tuple(released[n].shape) for n in names)
     assert sum(params[n].numel() for n in names) == 82_944
-    assert train_mod.model_config_for("pi3", "tiny") == Pi3Config.tiny() and train_mod.model_config_for("pi3", "full") is None
+    assert (
+        train_mod.model_config_for("pi3", "tiny") == Pi3Config.tiny()
+        and train_mod.model_config_for("pi3", "full") is None
+    )
 
 
 # ------------------------------------------------------------------------------------------------ CLI: pairs, train
@@ -94,8 +99,22 @@ def test_paper_bias_names_match_released_pi3_checkpoint(bias_ckpts: Path) -> Non
 @pytest.fixture(scope="module")
 def castle_pairs(tmp_path_factory: pytest.TempPathFactory, dev_small: Path) -> Path:
     path = tmp_path_factory.mktemp("pairs") / "pairs.json"
-    assert cli.main(["pairs", "--sources", str(dev_small / CASTLE), "--strategy", "all", "--max-pairs-per-scene", "6",
-                     "--output", str(path)]) == 0
+    assert (
+        cli.main(
+            [
+                "pairs",
+                "--sources",
+                str(dev_small / CASTLE),
+                "--strategy",
+                "all",
+                "--max-pairs-per-scene",
+                "6",
+                "--output",
+                str(path),
+            ]
+        )
+        == 0
+    )
     return path
 
 
@@ -114,8 +133,19 @@ def responsive_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def common_args(weights: Path) -> list[str]:
-    return ["--model", "pi3", "--model-size", "tiny", "--weights", str(weights), "--image-size", "56", "--device", "cpu",
-            "--no-progress"]
+    return [
+        "--model",
+        "pi3",
+        "--model-size",
+        "tiny",
+        "--weights",
+        str(weights),
+        "--image-size",
+        "56",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
 
 
 def train_through_cli(argv: list[str]) -> train_mod.TrainResult:
@@ -136,10 +166,38 @@ def train_through_cli(argv: list[str]) -> train_mod.TrainResult:
 
 def fixed_pair_args(pairs: Path, weights: Path, out: Path, steps: int) -> list[str]:
     """The first castle pair, same order and pixels at every step."""
-    return ["--pairs", str(pairs), "--max-pairs", "1", "--output-dir", str(out), "--batch-size", "1", "--epochs", str(STEPS),
-            "--max-steps", str(steps), "--lr", "1e-2", "--warmup-steps", "0", "--schedule", "constant", "--grad-clip", "0",
-            "--swap-prob", "0", "--cache-images", "--checkpoint-every", "3", "--keep-checkpoints", "0", "--log-every", "1",
-            *common_args(weights)]
+    return [
+        "--pairs",
+        str(pairs),
+        "--max-pairs",
+        "1",
+        "--output-dir",
+        str(out),
+        "--batch-size",
+        "1",
+        "--epochs",
+        str(STEPS),
+        "--max-steps",
+        str(steps),
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        "0",
+        "--schedule",
+        "constant",
+        "--grad-clip",
+        "0",
+        "--swap-prob",
+        "0",
+        "--cache-images",
+        "--checkpoint-every",
+        "3",
+        "--keep-checkpoints",
+        "0",
+        "--log-every",
+        "1",
+        *common_args(weights),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +214,9 @@ def test_training_reduces_the_loss_without_anchor_term(pi3_run) -> None:
     out, result = pi3_run
     assert result.completed and result.step == STEPS and json.loads((out / "config.json").read_text())["model"] == "pi3"
     losses = [h["loss"] for h in result.history]
-    assert all(math.isfinite(x) for x in losses) and all(math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in result.history)
+    assert all(math.isfinite(x) for x in losses) and all(
+        math.isfinite(h["grad_norm"]) and h["grad_norm"] > 0 for h in result.history
+    )
     for h in result.history:  # the loss is the relative error alone (batch of one pair)
         assert h["loss"] == pytest.approx(math.radians(h["rel_error_deg"]), rel=1e-5)
         assert h["anchor_error_deg"] > 1.0  # π³'s arbitrary world: camera 1 is far from identity, and not penalised
@@ -200,9 +260,13 @@ def test_export_has_the_released_format_and_loads_back(pi3_run, responsive_weigh
     assert all(torch.equal(lp[n], result.biases[n]) for n in result.bias_names)
 
 
-def test_gradient_checkpointing_gives_the_same_steps(pi3_run, castle_pairs: Path, responsive_weights: Path, tmp_path: Path) -> None:
+def test_gradient_checkpointing_gives_the_same_steps(
+    pi3_run, castle_pairs: Path, responsive_weights: Path, tmp_path: Path
+) -> None:
     out, result = pi3_run
-    ckpt = train_through_cli(fixed_pair_args(castle_pairs, responsive_weights, tmp_path / "ckpt", 3) + ["--gradient-checkpointing"])
+    ckpt = train_through_cli(
+        fixed_pair_args(castle_pairs, responsive_weights, tmp_path / "ckpt", 3) + ["--gradient-checkpointing"]
+    )
     assert [h["loss"] for h in ckpt.history] == pytest.approx([h["loss"] for h in result.history[:3]], abs=1e-6)
     at_3 = train_mod.read_train_checkpoint(out / "checkpoints" / "step-000003.ckpt")["biases"]
     for n in ckpt.bias_names:
@@ -217,13 +281,36 @@ def angle_deg(R: np.ndarray) -> float:
 
 
 def test_eval_report_matches_independent_computation(
-    pi3_run, castle_pairs: Path, responsive_weights: Path, dev_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pi3_run,
+    castle_pairs: Path,
+    responsive_weights: Path,
+    dev_small: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     run, _ = pi3_run
     ev = tmp_path / "ev"
-    assert cli.main(["eval", "--pairs", str(castle_pairs), "--output-dir", str(ev), "--models", "pretrained",
-                     f"tuned={run / 'biases.pth'}", "--dtype", "fp32", "--batch-size", "2", "--no-plots",
-                     *common_args(responsive_weights)]) == 0
+    assert (
+        cli.main(
+            [
+                "eval",
+                "--pairs",
+                str(castle_pairs),
+                "--output-dir",
+                str(ev),
+                "--models",
+                "pretrained",
+                f"tuned={run / 'biases.pth'}",
+                "--dtype",
+                "fp32",
+                "--batch-size",
+                "2",
+                "--no-plots",
+                *common_args(responsive_weights),
+            ]
+        )
+        == 0
+    )
     assert "tuned MRE°" in capsys.readouterr().out
     report = json.loads((ev / "report.json").read_text())
     assert report["model"] == "pi3" and set(report["models"]) == {"pretrained", "tuned"}

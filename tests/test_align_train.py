@@ -19,11 +19,11 @@ from scipy.spatial.transform import Rotation
 from ns_extreme.align import train as train_mod
 from ns_extreme.align.data import AugmentConfig, EpochBatchSampler, PairDataset, collate_pairs, load_pair_list
 from ns_extreme.align.loss import pair_rotation_loss, rotation_loss
-from ns_extreme.models.registry import VGGT_SPEC, w2c_rotations_from_pose_encoding
 from ns_extreme.align.pairs import PairFileError, PairList, mine_pairs, views_from_colmap
 from ns_extreme.align.train import TrainConfig, find_checkpoints, lr_factor, read_train_checkpoint, train
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
 from ns_extreme.models import get_spec, load_model
+from ns_extreme.models.registry import VGGT_SPEC, w2c_rotations_from_pose_encoding
 from ns_extreme.models.vggt import VGGT, VGGTConfig
 
 CASTLE = "strecha_castle-P19_odd9"
@@ -106,9 +106,9 @@ def tiny_cfg(pairs: Path, out: Path, **kw) -> TrainConfig:
 
 
 def test_loss_ninety_degree_relative_error_is_half_pi() -> None:
-    I = torch.eye(3)
-    R_gt = torch.stack([I, I])[None]
-    R_pred = torch.stack([I, rot("z", 90)])[None]
+    eye = torch.eye(3)
+    R_gt = torch.stack([eye, eye])[None]
+    R_pred = torch.stack([eye, rot("z", 90)])[None]
     out = pair_rotation_loss(R_pred, R_gt, reference_frame=False)
     assert out.loss.item() == pytest.approx(math.pi / 2, abs=1e-5)
     assert math.degrees(out.rel_error.item()) == pytest.approx(90.0, abs=1e-3)
@@ -126,11 +126,14 @@ def test_anchor_term_only_with_reference_frame() -> None:
 
 
 def test_loss_is_batch_mean_and_gradients_finite_at_0_and_180() -> None:
-    I = torch.eye(3)
-    R_gt = torch.stack([torch.stack([I, I]), torch.stack([I, I]), torch.stack([I, I])])
+    eye = torch.eye(3)
+    R_gt = torch.stack([torch.stack([eye, eye]), torch.stack([eye, eye]), torch.stack([eye, eye])])
     q = torch.tensor(
-        [[[0, 0, 0, 1.0], [0, 0, 0, 1.0]], [[0, 0, 0, 1.0], [0, 0, math.sin(math.pi / 4), math.cos(math.pi / 4)]],
-         [[0, 0, 0, 1.0], [0, 0, 1.0, 0.0]]],
+        [
+            [[0, 0, 0, 1.0], [0, 0, 0, 1.0]],
+            [[0, 0, 0, 1.0], [0, 0, math.sin(math.pi / 4), math.cos(math.pi / 4)]],
+            [[0, 0, 0, 1.0], [0, 0, 1.0, 0.0]],
+        ],
         requires_grad=True,
     )  # errors 0°, 90°, 180°
     enc = torch.cat([torch.zeros(3, 2, 3), q, torch.ones(3, 2, 2)], dim=-1)
@@ -148,12 +151,14 @@ def test_rotations_from_pose_encoding_match_decoder_and_iteration_weights() -> N
     R_gt = w2c_rotations_from_pose_encoding(torch.randn(4, 2, 9))
     encs = [torch.randn(4, 2, 9) for _ in range(4)]
     last = rotation_loss(VGGT_SPEC.w2c_rotations({"pose_enc_list": encs}), R_gt, True, "last").loss
-    assert last.item() == pytest.approx(pair_rotation_loss(w2c_rotations_from_pose_encoding(encs[-1]), R_gt, True).loss.item())
+    assert last.item() == pytest.approx(
+        pair_rotation_loss(w2c_rotations_from_pose_encoding(encs[-1]), R_gt, True).loss.item()
+    )
     per_iter = [pair_rotation_loss(w2c_rotations_from_pose_encoding(e), R_gt, True).loss.item() for e in encs]
     w = [0.6**3, 0.6**2, 0.6, 1.0]
-    assert rotation_loss(VGGT_SPEC.w2c_rotations({"pose_enc_list": encs}), R_gt, True, "all").loss.item() == pytest.approx(
-        sum(a * b for a, b in zip(w, per_iter)) / sum(w), rel=1e-5
-    )
+    assert rotation_loss(
+        VGGT_SPEC.w2c_rotations({"pose_enc_list": encs}), R_gt, True, "all"
+    ).loss.item() == pytest.approx(sum(a * b for a, b in zip(w, per_iter)) / sum(w), rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -183,7 +188,9 @@ def test_mixed_shapes_padded_white_and_centred(dev_small: Path) -> None:
     sacre = scene_pairs(dev_small, SACRE)
     by_name = {Path(v.path).name: v for r in sacre.records for v in (r.view1, r.view2)}
     portrait = next(r for r in sacre.records if r.view1.height > r.view1.width and r.view2.width > r.view2.height)
-    ds = PairDataset(PairList(sacre.root, [portrait]), dev_small, image_size=56, augment=AugmentConfig(color_jitter=0.5))
+    ds = PairDataset(
+        PairList(sacre.root, [portrait]), dev_small, image_size=56, augment=AugmentConfig(color_jitter=0.5)
+    )
     img = ds[0]["images"]
     # portrait -> 56 x 56 after the centre crop; landscape 640x4xx -> 56 wide, 28/42 high: padded to 56 rows.
     assert img.shape == (2, 3, 56, 56)
@@ -237,8 +244,18 @@ def overfit_run(tmp_path_factory: pytest.TempPathFactory, pair_file: Path, castl
     PairList(castle_list.root, recs).save_json(four)
     WEIGHTS["tiny"] = tiny_weights
     cfg = tiny_cfg(
-        four, tmp_path_factory.mktemp("run") / "overfit", batch_size=4, epochs=20, max_steps=20, lr=1e-2,
-        warmup_steps=0, schedule="constant", grad_clip=0.0, swap_prob=0.0, log_every=5, checkpoint_every=100,
+        four,
+        tmp_path_factory.mktemp("run") / "overfit",
+        batch_size=4,
+        epochs=20,
+        max_steps=20,
+        lr=1e-2,
+        warmup_steps=0,
+        schedule="constant",
+        grad_clip=0.0,
+        swap_prob=0.0,
+        log_every=5,
+        checkpoint_every=100,
     )
     return cfg, train(cfg)
 
@@ -313,7 +330,9 @@ def test_default_bias_set_names_match_released_checkpoint(bias_ckpts: Path) -> N
     with torch.device("meta"):
         full = VGGT()
     names = get_spec("vggt").paper_bias_set.select(full)
-    released = torch.load(bias_ckpts / "VGGT_changed_bias.pth", map_location="cpu", weights_only=True)["bias_state_dict"]
+    released = torch.load(bias_ckpts / "VGGT_changed_bias.pth", map_location="cpu", weights_only=True)[
+        "bias_state_dict"
+    ]
     assert set(names) == set(released) and len(names) == 32
     params = dict(full.named_parameters())
     assert sum(params[n].numel() for n in names) == 73_728
@@ -322,7 +341,13 @@ def test_default_bias_set_names_match_released_checkpoint(bias_ckpts: Path) -> N
 
 
 def test_regex_bias_set(tmp_path: Path, pair_file: Path) -> None:
-    cfg = tiny_cfg(pair_file, tmp_path / "re", bias_set=(r"aggregator\.global_blocks\.23\.mlp\.fc2\.bias",), max_steps=1, batch_size=2)
+    cfg = tiny_cfg(
+        pair_file,
+        tmp_path / "re",
+        bias_set=(r"aggregator\.global_blocks\.23\.mlp\.fc2\.bias",),
+        max_steps=1,
+        batch_size=2,
+    )
     result = train(cfg)
     assert result.bias_names == ["aggregator.global_blocks.23.mlp.fc2.bias"]
     with pytest.raises(ValueError, match="selects no parameter"):
@@ -372,7 +397,9 @@ def test_sigterm_writes_checkpoint_and_stops(tmp_path: Path, pair_file: Path, mo
     assert all(torch.equal(ckpt["biases"][n], result.biases[n]) for n in result.bias_names)
 
 
-def test_failed_checkpoint_write_leaves_previous_intact(tmp_path: Path, pair_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_checkpoint_write_leaves_previous_intact(
+    tmp_path: Path, pair_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_cfg(pair_file, tmp_path / "atomic", batch_size=2, epochs=2, max_steps=2, checkpoint_every=1)
     train(cfg)
     good = find_checkpoints(cfg.output_dir)[-1][1]
@@ -385,7 +412,11 @@ def test_failed_checkpoint_write_leaves_previous_intact(tmp_path: Path, pair_fil
 
     monkeypatch.setattr(torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        train(tiny_cfg(pair_file, tmp_path / "atomic", batch_size=2, epochs=2, max_steps=3, checkpoint_every=1, resume=True))
+        train(
+            tiny_cfg(
+                pair_file, tmp_path / "atomic", batch_size=2, epochs=2, max_steps=3, checkpoint_every=1, resume=True
+            )
+        )
     monkeypatch.setattr(torch, "save", real_save)
     assert good.read_bytes() == good_bytes
     assert [s for s, _ in find_checkpoints(cfg.output_dir)] == [1, 2]
@@ -394,7 +425,16 @@ def test_failed_checkpoint_write_leaves_previous_intact(tmp_path: Path, pair_fil
 
 
 def test_gradient_checkpointing_and_workers_do_not_change_results_bf16_runs(tmp_path: Path, pair_file: Path) -> None:
-    kw = dict(batch_size=3, epochs=1, max_steps=2, lr=1e-2, warmup_steps=0, swap_prob=0.5, color_jitter=0.1, cache_images=False)
+    kw = dict(
+        batch_size=3,
+        epochs=1,
+        max_steps=2,
+        lr=1e-2,
+        warmup_steps=0,
+        swap_prob=0.5,
+        color_jitter=0.1,
+        cache_images=False,
+    )
     plain = train(tiny_cfg(pair_file, tmp_path / "plain", **kw))
     ckpt = train(tiny_cfg(pair_file, tmp_path / "ckpt", gradient_checkpointing=True, num_workers=2, **kw))
     for n in plain.bias_names:

@@ -120,8 +120,15 @@ def no_dac_prefix(probe_file: Path) -> Optional[list[str]]:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         return None
-    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search", "--"]
-    probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(probe_file)!r}).read()"], capture_output=True, text=True)
+    prefix = [
+        setpriv,
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--inh-caps=-dac_override,-dac_read_search",
+        "--",
+    ]
+    probe = subprocess.run(
+        [*prefix, sys.executable, "-c", f"open({str(probe_file)!r}).read()"], capture_output=True, text=True
+    )
     return prefix if "PermissionError" in probe.stderr else None
 
 
@@ -183,7 +190,8 @@ for case in cases:
             code = 1
     if undo:
         undo()
-    results[case["key"]] = {"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue(), "seconds": time.perf_counter() - t0}
+    results[case["key"]] = {"returncode": code, "stdout": out.getvalue(), "stderr": err.getvalue(),
+                            "seconds": time.perf_counter() - t0}
     with open(results_file, "w", encoding="utf-8") as f:
         json.dump(results, f)
 '''
@@ -305,7 +313,11 @@ def make_bag(folder: Path) -> dict[str, tuple[int, int]]:
     exif[0x0112] = 6  # stored sideways: rotate 90° to display
     save("exif_rotated.jpg", noise_image(8), (H, W), quality=90, exif=exif.tobytes())
     pano = Image.linear_gradient("L").resize((PANORAMA_WH[0] // 10, PANORAMA_WH[1] // 10)).resize(PANORAMA_WH)
-    save("panorama 12000px.jpg", Image.merge("RGB", (pano, pano.transpose(Image.Transpose.FLIP_LEFT_RIGHT), pano)), quality=80)
+    save(
+        "panorama 12000px.jpg",
+        Image.merge("RGB", (pano, pano.transpose(Image.Transpose.FLIP_LEFT_RIGHT), pano)),
+        quality=80,
+    )
     save("portrait.png", noise_image(9, 30, 90))  # mixed sizes and aspect ratios
     save("small.webp", noise_image(10, 40, 30))
     save("b.bmp", noise_image(11))
@@ -318,7 +330,9 @@ def make_bag(folder: Path) -> dict[str, tuple[int, int]]:
     whole = jpeg_bytes(noise_image(13))
     (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])  # header intact, pixel data cut
     png = (folder / "rgba.png").read_bytes()
-    (folder / "corrupt.png").write_bytes(png[:40] + bytes(np.random.default_rng(14).integers(0, 256, 400, dtype=np.uint8)))
+    (folder / "corrupt.png").write_bytes(
+        png[:40] + bytes(np.random.default_rng(14).integers(0, 256, 400, dtype=np.uint8))
+    )
     (folder / "unreadable.jpg").write_bytes(jpeg_bytes(noise_image(15)))
     os.chmod(folder / "unreadable.jpg", 0)
     shutil.copy(folder / "café 1.jpg", folder / "zz copy of café 1.jpg")
@@ -393,7 +407,9 @@ def make_inputs(root: Path) -> dict[str, Any]:
     bias_name = "aggregator.frame_blocks.0.attn.qkv.bias"
     assert bias_name in state
     nan_state = dict(state)
-    nan_state["camera_head.trunk.0.norm1.weight"] = torch.full_like(state["camera_head.trunk.0.norm1.weight"], float("nan"))
+    nan_state["camera_head.trunk.0.norm1.weight"] = torch.full_like(
+        state["camera_head.trunk.0.norm1.weight"], float("nan")
+    )
     save_file(nan_state, str(w / "nan.safetensors"))
     torch.save(state, w / "legacy.pt", _use_new_zipfile_serialization=False)  # valid, old torch format
     save_file({"conv1.weight": torch.randn(8, 3, 3, 3), "fc.weight": torch.randn(10, 8)}, str(w / "resnet.safetensors"))
@@ -405,7 +421,9 @@ def make_inputs(root: Path) -> dict[str, Any]:
     A["marker_bias"] = root / "PWNED_bias"
     torch.save({"bias_state_dict": {bias_name: _Exploit(A["marker_bias"])}}, w / "evil_bias.pth")
     shape = state[bias_name].shape
-    torch.save({"bias_state_dict": {"aggregator.frame_blocks.0.attn.nope.bias": torch.zeros(shape)}}, w / "bias_wrong_name.pth")
+    torch.save(
+        {"bias_state_dict": {"aggregator.frame_blocks.0.attn.nope.bias": torch.zeros(shape)}}, w / "bias_wrong_name.pth"
+    )
     torch.save({"bias_state_dict": {bias_name: torch.zeros(shape[0] + 3)}}, w / "bias_wrong_shape.pth")
     torch.save({"bias_state_dict": {bias_name: torch.zeros(shape, dtype=torch.int64)}}, w / "bias_wrong_dtype.pth")
     torch.save({"bias_state_dict": {bias_name: torch.full(shape, float("inf"))}}, w / "bias_inf.pth")
@@ -430,7 +448,9 @@ def make_inputs(root: Path) -> dict[str, Any]:
     (posed / "transforms.json").write_text(json.dumps({"camera_model": "OPENCV", "frames": frames}))
     whole = (posed / "images" / "1.png").read_bytes()
     (posed / "broken" / "1.png").write_bytes(whole[: len(whole) // 3])
-    pairs = PairList(str(posed), mine_pairs(views_from_transforms(posed / "transforms.json"), "posed", strategy="all", balance=False))
+    pairs = PairList(
+        str(posed), mine_pairs(views_from_transforms(posed / "transforms.json"), "posed", strategy="all", balance=False)
+    )
     p = folder("pairs")
     pairs.save_json(p / "pairs.json")
     base = json.loads((p / "pairs.json").read_text())
@@ -444,14 +464,36 @@ def make_inputs(root: Path) -> dict[str, Any]:
     variant("dotdot.json", lambda d: d["pairs"][0]["view1"].update(path="../../outside.png"))
     variant("absolute.json", lambda d: d["pairs"][0]["view2"].update(path="/etc/passwd"))
     variant("missing_image.json", lambda d: d["pairs"][0]["view1"].update(path="images/nope.png"))
-    variant("corrupt_image.json", lambda d: [pr[v].update(path="broken/1.png") for pr in d["pairs"] for v in ("view1", "view2") if pr[v]["path"] == "images/1.png"])
+    variant(
+        "corrupt_image.json",
+        lambda d: [
+            pr[v].update(path="broken/1.png")
+            for pr in d["pairs"]
+            for v in ("view1", "view2")
+            if pr[v]["path"] == "images/1.png"
+        ],
+    )
     variant("empty_list.json", lambda d: d.update(pairs=[]))
     (p / "invalid.json").write_text('{"format": "ns_extreme.pairs", "root": ".", "pairs": [')
     np.save(p / "pickled.npy", np.array({0: {"img1": {}}}, dtype=object), allow_pickle=True)
     A["marker_npy"] = root / "PWNED_npy"
     np.save(p / "evil.npy", np.array(_Exploit(A["marker_npy"]), dtype=object), allow_pickle=True)
-    view = {"path": "../../etc/passwd", "qw": 1.0, "qx": 0.0, "qy": 0.0, "qz": 0.0, "fx": 50.0, "fy": 50.0, "width": 64, "height": 48}
-    np.save(p / "unscene_dotdot.npy", np.array({0: {"img1": view, "img2": dict(view, path="a/b.jpg"), "scene": "s"}}, dtype=object), allow_pickle=True)
+    view = {
+        "path": "../../etc/passwd",
+        "qw": 1.0,
+        "qx": 0.0,
+        "qy": 0.0,
+        "qz": 0.0,
+        "fx": 50.0,
+        "fy": 50.0,
+        "width": 64,
+        "height": 48,
+    }
+    np.save(
+        p / "unscene_dotdot.npy",
+        np.array({0: {"img1": view, "img2": dict(view, path="a/b.jpg"), "scene": "s"}}, dtype=object),
+        allow_pickle=True,
+    )
 
     # transforms.json sources for `pairs`
     for name, edit in {
@@ -487,30 +529,66 @@ POSES_ERRORS = [
     ("iphone-heic-photos", ["--data", "{heic}"], ["found 0 image(s)", "HEIC", "convert them to JPEG"]),
     ("data-missing", ["--data", "{root}/nowhere"], ["image folder not found", "nowhere"]),
     ("data-is-a-file", ["--data", "{good}/a.jpg"], ["must be a folder", "a.jpg"]),
-    ("all-images-broken", ["--data", "{broken}"], ["only 0 of 3 images", "zero.jpg: file is empty", "text.jpg", "corrupt.png", "remove the unreadable files"]),
+    (
+        "all-images-broken",
+        ["--data", "{broken}"],
+        ["only 0 of 3 images", "zero.jpg: file is empty", "text.jpg", "corrupt.png", "remove the unreadable files"],
+    ),
     ("duplicates-only", ["--data", "{dups}"], ["only 1 of 2 images", "duplicate of x copy.jpg"]),
     ("output-exists", ["--output-dir", "{exists}"], ["already exists", "{exists}", "--overwrite"]),
     ("output-is-a-file", ["--output-dir", "{afile}", "--overwrite"], ["not a folder", "afile.txt"]),
     ("output-under-a-file", ["--output-dir", "{afile}/out"], ["afile.txt is a file, not a folder"]),
     ("output-is-the-input", ["--data", "{good}", "--output-dir", "{good}"], ["contains the input images"]),
     ("weights-file-missing", ["--weights", "{root}/nope.safetensors"], ["weights file not found", "nope.safetensors"]),
-    ("weights-offline-not-cached", ["--weights", "facebook/VGGT-1B", "--model-size", "full"], ["not in the local cache", "HF_HUB_OFFLINE", "huggingface-cli download", "--weights"]),
-    ("weights-of-another-model", ["--weights", "{w}/resnet.safetensors"], ["resnet.safetensors does not fit this model", "missing keys"]),
-    ("weights-corrupt", ["--weights", "{w}/garbage.safetensors"], ["garbage.safetensors", "not a readable safetensors file"]),
+    (
+        "weights-offline-not-cached",
+        ["--weights", "facebook/VGGT-1B", "--model-size", "full"],
+        ["not in the local cache", "HF_HUB_OFFLINE", "huggingface-cli download", "--weights"],
+    ),
+    (
+        "weights-of-another-model",
+        ["--weights", "{w}/resnet.safetensors"],
+        ["resnet.safetensors does not fit this model", "missing keys"],
+    ),
+    (
+        "weights-corrupt",
+        ["--weights", "{w}/garbage.safetensors"],
+        ["garbage.safetensors", "not a readable safetensors file"],
+    ),
     ("weights-wrong-file-type", ["--weights", "{w}/weights.txt"], ["weights.txt", "unsupported weights file type"]),
     ("weights-pickled-code", ["--weights", "{w}/evil.pt"], ["evil.pt", "weights_only=True", "refused"]),
-    ("weights-pickled-code-legacy-format", ["--weights", "{w}/evil_legacy.pt"], ["evil_legacy.pt", "weights_only=True", "refused"]),
+    (
+        "weights-pickled-code-legacy-format",
+        ["--weights", "{w}/evil_legacy.pt"],
+        ["evil_legacy.pt", "weights_only=True", "refused"],
+    ),
     ("bias-missing", ["--alignment", "{root}/nope.pth"], ["bias checkpoint not found", "nope.pth"]),
-    ("bias-wrong-name", ["--alignment", "{w}/bias_wrong_name.pth"], ["bias_wrong_name.pth", "not parameters of this model"]),
+    (
+        "bias-wrong-name",
+        ["--alignment", "{w}/bias_wrong_name.pth"],
+        ["bias_wrong_name.pth", "not parameters of this model"],
+    ),
     ("bias-wrong-shape", ["--alignment", "{w}/bias_wrong_shape.pth"], ["bias_wrong_shape.pth", "wrong shapes"]),
-    ("bias-wrong-dtype", ["--alignment", "{w}/bias_wrong_dtype.pth"], ["bias_wrong_dtype.pth", "not a floating-point tensor"]),
+    (
+        "bias-wrong-dtype",
+        ["--alignment", "{w}/bias_wrong_dtype.pth"],
+        ["bias_wrong_dtype.pth", "not a floating-point tensor"],
+    ),
     ("bias-inf-values", ["--alignment", "{w}/bias_inf.pth"], ["bias_inf.pth", "NaN or Inf"]),
     ("bias-not-a-bias-checkpoint", ["--alignment", "{w}/bias_not_ours.pth"], ["bias_not_ours.pth", "bias_state_dict"]),
     ("bias-plain-state-dict", ["--alignment", "{w}/bias_plain_state.pth"], ["bias_plain_state.pth", "bias_state_dict"]),
     ("bias-pickled-code", ["--alignment", "{w}/evil_bias.pth"], ["evil_bias.pth", "weights_only=True"]),
     ("nan-model-outputs", ["--weights", "{w}/nan.safetensors"], ["NaN/Inf", "--dtype fp32", "check the weights"]),
-    ("disk-full-while-writing", ["--patch=enospc"], ["could not write {out}", "sparse_pc.ply", "no space left on device", "nothing was written"]),
-    ("file-size-limit-while-writing", ["--patch=fsize:16384"], ["could not write {out}", "file too large", "ulimit -f", "nothing was written"]),
+    (
+        "disk-full-while-writing",
+        ["--patch=enospc"],
+        ["could not write {out}", "sparse_pc.ply", "no space left on device", "nothing was written"],
+    ),
+    (
+        "file-size-limit-while-writing",
+        ["--patch=fsize:16384"],
+        ["could not write {out}", "file too large", "ulimit -f", "nothing was written"],
+    ),
 ]
 # rows whose process needs file permissions to apply (run without CAP_DAC_OVERRIDE when root)
 POSES_PERMISSION_ERRORS = [
@@ -528,59 +606,105 @@ POSES_OTHER = ["sigint-during-inference", "sigterm-during-inference", "sigterm-w
 
 ALIGN_ERRORS = [
     # pairs
-    ("pairs: source missing", ["pairs", "--sources", "{root}/nowhere", "--output", "{case}/p.json"], ["source not found", "nowhere"]),
-    ("pairs: empty folder", ["pairs", "--sources", "{empty}", "--output", "{case}/p.json"], ["{empty}", "not a COLMAP model"]),
-    ("pairs: pickled npy without --allow-pickle", ["pairs", "--sources", "{pairs}/pickled.npy", "--output", "{case}/p.json"], ["pickled.npy", "--allow-pickle"]),
-    ("pairs: pickled code without --allow-pickle", ["pairs", "--sources", "{pairs}/evil.npy", "--output", "{case}/p.json"], ["evil.npy", "--allow-pickle"]),
-    ("pairs: npy path escaping its root", ["pairs", "--sources", "{pairs}/unscene_dotdot.npy", "--allow-pickle", "--output", "{case}/p.json"], ["unscene_dotdot.npy", "escapes", "'..'"]),
-    ("pairs: transforms missing focal", ["pairs", "--sources", "{t_missing_focal}", "--output", "{case}/p.json"], ["t_missing_focal", "focal length missing"]),
-    ("pairs: transforms missing matrix", ["pairs", "--sources", "{t_no_matrix}", "--output", "{case}/p.json"], ["t_no_matrix", "transform_matrix"]),
-    ("pairs: transforms invalid JSON", ["pairs", "--sources", "{t_invalid}", "--output", "{case}/p.json"], ["t_invalid", "invalid JSON"]),
-    ("pairs: transforms path escaping its root", ["pairs", "--sources", "{t_dotdot}", "--output", "{case}/p.json"], ["outside.png", "not inside the root folder"]),
+    ("pairs: source missing", ["pairs", "--sources", "{root}/nowhere", "--output", "{case}/p.json"],
+     ["source not found", "nowhere"]),
+    ("pairs: empty folder", ["pairs", "--sources", "{empty}", "--output", "{case}/p.json"],
+     ["{empty}", "not a COLMAP model"]),
+    ("pairs: pickled npy without --allow-pickle", ["pairs", "--sources", "{pairs}/pickled.npy", "--output",
+      "{case}/p.json"], ["pickled.npy", "--allow-pickle"]),
+    ("pairs: pickled code without --allow-pickle", ["pairs", "--sources", "{pairs}/evil.npy", "--output",
+      "{case}/p.json"], ["evil.npy", "--allow-pickle"]),
+    ("pairs: npy path escaping its root", ["pairs", "--sources", "{pairs}/unscene_dotdot.npy", "--allow-pickle",
+      "--output", "{case}/p.json"], ["unscene_dotdot.npy", "escapes", "'..'"]),
+    ("pairs: transforms missing focal", ["pairs", "--sources", "{t_missing_focal}", "--output", "{case}/p.json"],
+     ["t_missing_focal", "focal length missing"]),
+    ("pairs: transforms missing matrix", ["pairs", "--sources", "{t_no_matrix}", "--output", "{case}/p.json"],
+     ["t_no_matrix", "transform_matrix"]),
+    ("pairs: transforms invalid JSON", ["pairs", "--sources", "{t_invalid}", "--output", "{case}/p.json"],
+     ["t_invalid", "invalid JSON"]),
+    ("pairs: transforms path escaping its root", ["pairs", "--sources", "{t_dotdot}", "--output", "{case}/p.json"],
+     ["outside.png", "not inside the root folder"]),
     ("pairs: output under a file", ["pairs", "--sources", "{posed}", "--output", "{afile}/p.json"], ["afile.txt"]),
     # train
-    ("train: pair list missing", ["train", "--pairs", "{root}/nope.json", "--output-dir", "{out}"], ["nope.json", "pair list not found", "ns-extreme-align pairs"]),
-    ("train: missing field", ["train", "--pairs", "{pairs}/missing_field.json", "--output-dir", "{out}"], ["missing_field.json: pair 0: field 'view1.fx'", "missing field"]),
-    ("train: path escaping root", ["train", "--pairs", "{pairs}/dotdot.json", "--output-dir", "{out}"], ["dotdot.json: pair 0", "escapes the pair list's root"]),
-    ("train: absolute path", ["train", "--pairs", "{pairs}/absolute.json", "--output-dir", "{out}"], ["absolute.json: pair 0", "absolute path"]),
-    ("train: pickled pair file", ["train", "--pairs", "{pairs}/pickled.npy", "--output-dir", "{out}"], ["pickled.npy", "not a JSON pair list", "--allow-pickle"]),
-    ("train: invalid JSON", ["train", "--pairs", "{pairs}/invalid.json", "--output-dir", "{out}"], ["invalid.json", "invalid JSON"]),
-    ("train: empty pair list", ["train", "--pairs", "{pairs}/empty_list.json", "--output-dir", "{out}"], ["empty_list.json", "no pairs"]),
-    ("train: image missing", ["train", "--pairs", "{pairs}/missing_image.json", "--output-dir", "{out}"], ["nope.png", "missing"]),
-    ("train: corrupt image in a worker", ["train", "--pairs", "{pairs}/corrupt_image.json", "--output-dir", "{out}", "--num-workers", "1", "--max-steps", "6", "--batch-size", "1", "--weights", "random"], ["cannot read image", "broken/1.png", "truncated"]),
-    ("train: bias wrong name", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment", "{w}/bias_wrong_name.pth"], ["bias_wrong_name.pth", "not parameters"]),
-    ("train: bias wrong shape", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment", "{w}/bias_wrong_shape.pth"], ["bias_wrong_shape.pth", "wrong shapes"]),
-    ("train: bias wrong dtype", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment", "{w}/bias_wrong_dtype.pth"], ["bias_wrong_dtype.pth", "floating-point"]),
-    ("train: bias pickled code", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment", "{w}/evil_bias.pth"], ["evil_bias.pth", "weights_only=True"]),
-    ("train: weights of another model", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights", "{w}/resnet.safetensors"], ["resnet.safetensors does not fit this model"]),
-    ("train: weights offline", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights", "facebook/VGGT-1B"], ["not in the local cache", "huggingface-cli download"]),
-    ("train: weights pickled code", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights", "{w}/evil.pt"], ["evil.pt", "weights_only=True"]),
-    ("train: nan weights", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights", "{w}/nan.safetensors", "--max-steps", "1"], ["non-finite loss", "check --weights"]),
-    ("train: resume truncated checkpoint", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{run_truncated}", "--resume"], ["step-000001.ckpt", "not a readable training checkpoint", "Delete this file"]),
-    ("train: resume pickled-code checkpoint", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{run_evil}", "--resume"], ["step-000001.ckpt", "refused", "weights_only=True", "Delete this file"]),
-    ("train: checkpoints exist without --resume", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{run_truncated}"], ["already holds training checkpoints", "--resume"]),
-    ("train: output under a file", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{afile}/run", "--max-steps", "1", "--weights", "random"], ["afile.txt"]),
+    ("train: pair list missing", ["train", "--pairs", "{root}/nope.json", "--output-dir", "{out}"],
+     ["nope.json", "pair list not found", "ns-extreme-align pairs"]),
+    ("train: missing field", ["train", "--pairs", "{pairs}/missing_field.json", "--output-dir", "{out}"],
+     ["missing_field.json: pair 0: field 'view1.fx'", "missing field"]),
+    ("train: path escaping root", ["train", "--pairs", "{pairs}/dotdot.json", "--output-dir", "{out}"],
+     ["dotdot.json: pair 0", "escapes the pair list's root"]),
+    ("train: absolute path", ["train", "--pairs", "{pairs}/absolute.json", "--output-dir", "{out}"],
+     ["absolute.json: pair 0", "absolute path"]),
+    ("train: pickled pair file", ["train", "--pairs", "{pairs}/pickled.npy", "--output-dir", "{out}"],
+     ["pickled.npy", "not a JSON pair list", "--allow-pickle"]),
+    ("train: invalid JSON", ["train", "--pairs", "{pairs}/invalid.json", "--output-dir", "{out}"],
+     ["invalid.json", "invalid JSON"]),
+    ("train: empty pair list", ["train", "--pairs", "{pairs}/empty_list.json", "--output-dir", "{out}"],
+     ["empty_list.json", "no pairs"]),
+    ("train: image missing", ["train", "--pairs", "{pairs}/missing_image.json", "--output-dir", "{out}"],
+     ["nope.png", "missing"]),
+    ("train: corrupt image in a worker", ["train", "--pairs", "{pairs}/corrupt_image.json", "--output-dir", "{out}",
+      "--num-workers", "1", "--max-steps", "6", "--batch-size", "1", "--weights", "random"],
+     ["cannot read image", "broken/1.png", "truncated"]),
+    ("train: bias wrong name", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment",
+      "{w}/bias_wrong_name.pth"], ["bias_wrong_name.pth", "not parameters"]),
+    ("train: bias wrong shape", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment",
+      "{w}/bias_wrong_shape.pth"], ["bias_wrong_shape.pth", "wrong shapes"]),
+    ("train: bias wrong dtype", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment",
+      "{w}/bias_wrong_dtype.pth"], ["bias_wrong_dtype.pth", "floating-point"]),
+    ("train: bias pickled code", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--init-alignment",
+      "{w}/evil_bias.pth"], ["evil_bias.pth", "weights_only=True"]),
+    ("train: weights of another model", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights",
+      "{w}/resnet.safetensors"], ["resnet.safetensors does not fit this model"]),
+    ("train: weights offline", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights",
+      "facebook/VGGT-1B"], ["not in the local cache", "huggingface-cli download"]),
+    ("train: weights pickled code", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights",
+      "{w}/evil.pt"], ["evil.pt", "weights_only=True"]),
+    ("train: nan weights", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{out}", "--weights",
+      "{w}/nan.safetensors", "--max-steps", "1"], ["non-finite loss", "check --weights"]),
+    ("train: resume truncated checkpoint", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{run_truncated}",
+      "--resume"], ["step-000001.ckpt", "not a readable training checkpoint", "Delete this file"]),
+    ("train: resume pickled-code checkpoint", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{run_evil}",
+      "--resume"], ["step-000001.ckpt", "refused", "weights_only=True", "Delete this file"]),
+    ("train: checkpoints exist without --resume", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir",
+      "{run_truncated}"], ["already holds training checkpoints", "--resume"]),
+    ("train: output under a file", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{afile}/run",
+      "--max-steps", "1", "--weights", "random"], ["afile.txt"]),
     # eval
-    ("eval: pair list missing", ["eval", "--pairs", "{root}/nope.json", "--models", "pretrained", "--output-dir", "{out}"], ["nope.json", "pair list not found"]),
-    ("eval: bias checkpoint missing", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "mine={root}/nope.pth", "--output-dir", "{out}"], ["nope.pth", "not found"]),
-    ("eval: bias wrong name", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "{w}/bias_wrong_name.pth", "--output-dir", "{out}"], ["bias_wrong_name.pth", "not parameters"]),
-    ("eval: bias pickled code", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "{w}/evil_bias.pth", "--output-dir", "{out}"], ["evil_bias.pth", "weights_only=True"]),
-    ("eval: nan weights", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "pretrained", "--weights", "{w}/nan.safetensors", "--output-dir", "{out}"], ["NaN/Inf", "check --weights"]),
-    ("eval: corrupt image", ["eval", "--pairs", "{pairs}/corrupt_image.json", "--models", "pretrained", "--output-dir", "{out}", "--weights", "random"], ["cannot read image", "broken/1.png"]),
-    ("eval: pickled pair file", ["eval", "--pairs", "{pairs}/evil.npy", "--models", "pretrained", "--output-dir", "{out}"], ["evil.npy", "not a JSON pair list"]),
-    ("eval: weights of another model", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "pretrained", "--weights", "{w}/resnet.safetensors", "--output-dir", "{out}"], ["does not fit this model"]),
+    ("eval: pair list missing", ["eval", "--pairs", "{root}/nope.json", "--models", "pretrained", "--output-dir",
+      "{out}"], ["nope.json", "pair list not found"]),
+    ("eval: bias checkpoint missing", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "mine={root}/nope.pth",
+      "--output-dir", "{out}"], ["nope.pth", "not found"]),
+    ("eval: bias wrong name", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "{w}/bias_wrong_name.pth",
+      "--output-dir", "{out}"], ["bias_wrong_name.pth", "not parameters"]),
+    ("eval: bias pickled code", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "{w}/evil_bias.pth",
+      "--output-dir", "{out}"], ["evil_bias.pth", "weights_only=True"]),
+    ("eval: nan weights", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "pretrained", "--weights",
+      "{w}/nan.safetensors", "--output-dir", "{out}"], ["NaN/Inf", "check --weights"]),
+    ("eval: corrupt image", ["eval", "--pairs", "{pairs}/corrupt_image.json", "--models", "pretrained", "--output-dir",
+      "{out}", "--weights", "random"], ["cannot read image", "broken/1.png"]),
+    ("eval: pickled pair file", ["eval", "--pairs", "{pairs}/evil.npy", "--models", "pretrained", "--output-dir",
+      "{out}"], ["evil.npy", "not a JSON pair list"]),
+    ("eval: weights of another model", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "pretrained", "--weights",
+      "{w}/resnet.safetensors", "--output-dir", "{out}"], ["does not fit this model"]),
 ]  # fmt: skip
 ALIGN_PERMISSION_ERRORS = [
-    ("pairs: output not writable", ["pairs", "--sources", "{posed}", "--output", "{readonly}/p.json"], ["could not write {readonly}/p.json", "permission denied"]),
-    ("train: output not writable", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{readonly}/run", "--weights", "random", "--max-steps", "1"], ["{readonly}/run", "permission denied"]),
-    ("eval: output not writable", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "pretrained", "--weights", "random", "--output-dir", "{readonly}/ev", "--no-plots"], ["{readonly}/ev", "permission denied"]),
+    ("pairs: output not writable", ["pairs", "--sources", "{posed}", "--output", "{readonly}/p.json"],
+     ["could not write {readonly}/p.json", "permission denied"]),
+    ("train: output not writable", ["train", "--pairs", "{pairs}/pairs.json", "--output-dir", "{readonly}/run",
+      "--weights", "random", "--max-steps", "1"], ["{readonly}/run", "permission denied"]),
+    ("eval: output not writable", ["eval", "--pairs", "{pairs}/pairs.json", "--models", "pretrained", "--weights",
+      "random", "--output-dir", "{readonly}/ev", "--no-plots"], ["{readonly}/ev", "permission denied"]),
 ]  # fmt: skip
 ALIGN_OTHER = ["train: sigint mid-run, checkpoint valid, --resume completes"]
 
 VIEW_ERRORS = [
     ("folder missing", ["{root}/nowhere"], ["nowhere does not exist"]),
     ("empty folder", ["{empty}"], ["{empty}", "not a dataset folder", "ns-process-data extreme-poses"]),
-    ("image folder, not a dataset", ["{good}"], ["folder of images, not a posed dataset", "ns-process-data extreme-poses"]),
+    (
+        "image folder, not a dataset",
+        ["{good}"],
+        ["folder of images, not a posed dataset", "ns-process-data extreme-poses"],
+    ),
     ("invalid transforms.json", ["{t_invalid}/transforms.json"], ["transforms.json", "not a readable transforms.json"]),
     ("bad port", ["{posed}", "--port", "70000"], ["--port must be in 0..65535"]),
 ]
@@ -631,6 +755,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
 
     legacy = poses_case("poses", "legacy-torch-weights", ["--weights", "{w}/legacy.pt", "--depth-format", "none"])
     lab.batch("poses", [poses_case("poses", r[0], r[1]) for r in POSES_ERRORS] + [legacy])
+
     # -- ns-extreme-align
     def align_case(table: str, row_id: str, args: list[str]) -> dict[str, Any]:
         case = _case_dir(A, table, row_id)
@@ -643,8 +768,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     lab.batch("align-a", [c for c in cases if c["args"][0] != "train"])
     run = _case_dir(A, "align", "train-interrupt") / "run"
     lab.train_run = run
-    train = ["train", *TINY_ALIGN, "--pairs", str(A["pairs"] / "pairs.json"), "--output-dir", str(run), "--epochs", "500",
-             "--batch-size", "1", "--checkpoint-every", "100000"]  # fmt: skip
+    train = ["train", *TINY_ALIGN, "--pairs", str(A["pairs"] / "pairs.json"), "--output-dir", str(run),
+             "--epochs", "500", "--batch-size", "1", "--checkpoint-every", "100000"]  # fmt: skip
     interrupted = [
         {"key": "train-interrupted", "script": str(ALIGN), "args": train, "patch": "sigint_at_step:2"},
         {"key": "train-resumed", "script": str(ALIGN), "args": [*train, "--resume", "--max-steps", "4"]},
@@ -654,8 +779,15 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     bag_out = root / "cases" / "bag" / "dataset été 1"
     bag_out.parent.mkdir(parents=True)
     lab.bag_out = bag_out
-    bag = {"key": "bag", "script": str(PROCESS), "args": ["extreme-poses", "--data", str(A["bag"]), "--output-dir", str(bag_out), *TINY]}
-    view = [{"key": _key("view", r[0]), "script": str(VIEW), "args": _fmt(A, _case_dir(A, "view", r[0]), r[1])} for r in VIEW_ERRORS]
+    bag = {
+        "key": "bag",
+        "script": str(PROCESS),
+        "args": ["extreme-poses", "--data", str(A["bag"]), "--output-dir", str(bag_out), *TINY],
+    }
+    view = [
+        {"key": _key("view", r[0]), "script": str(VIEW), "args": _fmt(A, _case_dir(A, "view", r[0]), r[1])}
+        for r in VIEW_ERRORS
+    ]
     if lab.no_dac is not None:
         perm = [poses_case("poses", r[0], r[1]) for r in POSES_PERMISSION_ERRORS]
         perm += [align_case("align", r[0], r[1]) for r in ALIGN_PERMISSION_ERRORS]
@@ -667,6 +799,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
     # Many short passes (11 for 24 images) keep inference running for seconds, not one: the signal must land
     # while it runs even when this test's reader of the progress bar is late on a loaded machine.
     many = ["extreme-poses", "--data", str(A["many"]), *TINY, "--max-frames-per-pass", "4", "--chunk-overlap", "2"]
+
     def sig_run(row: str, sig: int) -> Result:
         case = _case_dir(A, "poses", row)
         return lab.interrupt([str(PROCESS), *many, "--output-dir", str(case / "out")], lambda e: "inference" in e, sig)
@@ -676,7 +809,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory):
 
     def sigterm_while_writing() -> Result:
         case = _case_dir(A, "poses", "sigterm-while-writing")
-        cases = [{"key": "w", "script": str(PROCESS), "patch": "slow_write", "args": [*many, "--output-dir", str(case / "out")]}]
+        cases = [
+            {
+                "key": "w",
+                "script": str(PROCESS),
+                "patch": "slow_write",
+                "args": [*many, "--output-dir", str(case / "out")],
+            }
+        ]
         (root / "slow.cases.json").write_text(json.dumps(cases))
         cmd = [sys.executable, str(lab.driver), str(root / "slow.cases.json"), str(root / "slow.results.json")]
         driver = lab.interrupt(cmd, lambda e: "STAGING" in e, signal.SIGTERM)
@@ -721,7 +861,9 @@ def test_extreme_poses_errors(lab: Lab, row_id: str, args: list[str], fragments:
     assert leftovers(A["good"]) == ["a.jpg", "b.jpg", "c.png"]
 
 
-@pytest.mark.parametrize("row_id, args, fragments", POSES_PERMISSION_ERRORS, ids=[r[0] for r in POSES_PERMISSION_ERRORS])
+@pytest.mark.parametrize(
+    "row_id, args, fragments", POSES_PERMISSION_ERRORS, ids=[r[0] for r in POSES_PERMISSION_ERRORS]
+)
 def test_extreme_poses_permission_errors(lab: Lab, row_id: str, args: list[str], fragments: list[str]) -> None:
     if lab.no_dac is None:
         pytest.skip("running as root without setpriv: file permissions cannot be enforced")
@@ -844,7 +986,9 @@ def test_align_errors(lab: Lab, row_id: str, args: list[str], fragments: list[st
     assert A["afile"].read_text() == "a file, not a folder"
 
 
-@pytest.mark.parametrize("row_id, args, fragments", ALIGN_PERMISSION_ERRORS, ids=[r[0] for r in ALIGN_PERMISSION_ERRORS])
+@pytest.mark.parametrize(
+    "row_id, args, fragments", ALIGN_PERMISSION_ERRORS, ids=[r[0] for r in ALIGN_PERMISSION_ERRORS]
+)
 def test_align_permission_errors(lab: Lab, row_id: str, args: list[str], fragments: list[str]) -> None:
     if lab.no_dac is None:
         pytest.skip("running as root without setpriv: file permissions cannot be enforced")
@@ -919,14 +1063,16 @@ def _dataset(src: Path, dst: Path, edit: Callable[[dict], None]) -> Path:
 
 
 DATAPARSER_ROWS = [
-    "data missing", "empty folder", "one image", "only non-image files", "all images broken", "weights of another model",
-    "nan model outputs", "disk full while caching", "transforms frame without matrix", "ply file missing",
-    "transforms.json invalid JSON", "broken images among good ones (fallback)",
+    "data missing", "empty folder", "one image", "only non-image files", "all images broken",
+    "weights of another model", "nan model outputs", "disk full while caching", "transforms frame without matrix",
+    "ply file missing", "transforms.json invalid JSON", "broken images among good ones (fallback)",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("row_id", DATAPARSER_ROWS)
-def test_extreme3d_dataparser(lab: Lab, one_thread, row_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_extreme3d_dataparser(
+    lab: Lab, one_thread, row_id: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """In-process (it runs inside ns-train): a one-line exception naming the file, and no half-written cache."""
     from ns_extreme.cli.process import PoseModelOptions
 
@@ -959,7 +1105,9 @@ def test_extreme3d_dataparser(lab: Lab, one_thread, row_id: str, tmp_path: Path,
     elif row_id == "all images broken":
         fails(copy("broken"), ValueError, "only 0 of 3 images", "zero.jpg", "remove the unreadable files")
     elif row_id == "weights of another model":
-        opts = PoseModelOptions(model_size="tiny", weights=str(A["w"] / "resnet.safetensors"), device="cpu", dtype="fp32")
+        opts = PoseModelOptions(
+            model_size="tiny", weights=str(A["w"] / "resnet.safetensors"), device="cpu", dtype="fp32"
+        )
         fails(copy("good"), ValueError, "resnet.safetensors does not fit this model", backbone=opts)
     elif row_id == "nan model outputs":
         from ns_extreme.posing import NonFiniteOutputError
@@ -1013,6 +1161,7 @@ def test_bad_input_count(lab: Lab) -> None:
     """The closing note's count (every row of the tables above)."""
     rows = (
         len(POSES_ERRORS) + len(POSES_PERMISSION_ERRORS) + len(BAG_ROWS) + len(POSES_OTHER)
-        + len(ALIGN_ERRORS) + len(ALIGN_PERMISSION_ERRORS) + len(ALIGN_OTHER) + len(VIEW_ERRORS) + 1 + len(DATAPARSER_ROWS) + 1
+        + len(ALIGN_ERRORS) + len(ALIGN_PERMISSION_ERRORS) + len(ALIGN_OTHER) + len(VIEW_ERRORS) + 1
+        + len(DATAPARSER_ROWS) + 1
     )  # fmt: skip
     assert rows >= 90, rows

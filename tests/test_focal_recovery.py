@@ -69,7 +69,9 @@ def test_torch_inputs_conf_with_channel_dim_and_mask():
     bad[:, :, :20] = [3.0, -2.0, 0.5]  # garbage in the masked-out columns
     mask = np.ones(bad.shape[:3], dtype=bool)
     mask[:, :, :20] = False
-    K = recover_focal(torch.from_numpy(bad).float(), torch.from_numpy(conf)[..., None], (56, 84), mask=torch.from_numpy(mask))
+    K = recover_focal(
+        torch.from_numpy(bad).float(), torch.from_numpy(conf)[..., None], (56, 84), mask=torch.from_numpy(mask)
+    )
     np.testing.assert_allclose(K[:, 0, 0], [250.0, 600.0], rtol=1e-4)
 
 

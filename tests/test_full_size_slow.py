@@ -35,7 +35,12 @@ def test_full_size_forward_on_two_images():
     assert out["depth"].shape == (1, 2, 392, 518, 1) and out["world_points"].shape == (1, 2, 392, 518, 3)
     assert all(torch.isfinite(v).all() for v in out.values() if torch.is_tensor(v))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    record = {"build_s": round(build_s, 1), "forward_s": round(forward_s, 1), "peak_rss_gb": round(peak_gb, 2), "threads": torch.get_num_threads()}
+    record = {
+        "build_s": round(build_s, 1),
+        "forward_s": round(forward_s, 1),
+        "peak_rss_gb": round(peak_gb, 2),
+        "threads": torch.get_num_threads(),
+    }
     (REPO_ROOT / "tests" / "artifacts").mkdir(exist_ok=True)
     (REPO_ROOT / "tests" / "artifacts" / "full_size_forward.json").write_text(json.dumps(record, indent=2))
     print(record)

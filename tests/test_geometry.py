@@ -9,9 +9,9 @@ import numpy as np
 import pycolmap
 import pytest
 import torch
+from conftest import SCENES
 from scipy.spatial.transform import Rotation
 
-from conftest import SCENES
 from ns_extreme.geometry import (
     OPENCV_TO_OPENGL,
     Sim3,
@@ -214,7 +214,9 @@ def test_torch_quaternion_round_trip_and_geodesic() -> None:
 
     # geodesic (radians), differentiable, finite gradient at identity
     Ry30 = torch.from_numpy(Rotation.from_euler("y", 30, degrees=True).as_matrix())
-    assert float(geodesic_angle_torch(Ry30, torch.eye(3, dtype=torch.float64))) == pytest.approx(np.radians(30.0), abs=1e-12)
+    assert float(geodesic_angle_torch(Ry30, torch.eye(3, dtype=torch.float64))) == pytest.approx(
+        np.radians(30.0), abs=1e-12
+    )
     R_a = torch.eye(3, dtype=torch.float64, requires_grad=True)
     loss = geodesic_angle_torch(R_a, torch.eye(3, dtype=torch.float64))
     loss.backward()
@@ -373,7 +375,9 @@ def test_transform_w2c_keeps_reprojections() -> None:
     np.testing.assert_allclose(
         c2w_opencv_from_w2c_opencv(w2c_new)[:, :3, 3], sim.apply(c2w_opencv_from_w2c_opencv(w2c)[:, :3, 3]), atol=1e-9
     )
-    np.testing.assert_allclose(w2c_new[:, :, :3] @ np.swapaxes(w2c_new[:, :, :3], 1, 2), np.broadcast_to(np.eye(3), (5, 3, 3)), atol=1e-12)
+    np.testing.assert_allclose(
+        w2c_new[:, :, :3] @ np.swapaxes(w2c_new[:, :, :3], 1, 2), np.broadcast_to(np.eye(3), (5, 3, 3)), atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("n", [5, 2, 1])

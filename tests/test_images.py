@@ -51,7 +51,18 @@ def _scene_cameras(scene_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, t
 
 
 def test_list_images_sorts_filters_and_reports_skipped(tmp_path: Path) -> None:
-    for name in ["b.PNG", "a.jpg", "c.JpEg", "d.webp", "e.bmp", "f.tif", "g.TIFF", "notes.txt", "model.ply", ".hidden.jpg"]:
+    for name in [
+        "b.PNG",
+        "a.jpg",
+        "c.JpEg",
+        "d.webp",
+        "e.bmp",
+        "f.tif",
+        "g.TIFF",
+        "notes.txt",
+        "model.ply",
+        ".hidden.jpg",
+    ]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub.jpg").mkdir()
     listing = scan_images(tmp_path)
@@ -253,7 +264,9 @@ def test_mixed_sizes_sacre_coeur(dev_small: Path, sacre_batches: dict[str, Prepr
     paths = list_images(dev_small / SACRE / "images")
     cams = _scene_cameras(dev_small / SACRE)
     sizes = {p.name: cams[p.name][2] for p in paths}
-    assert len(set(sizes.values())) > 3 and any(h > w for h, w in sizes.values()) and any(w > h for h, w in sizes.values())
+    assert (
+        len(set(sizes.values())) > 3 and any(h > w for h, w in sizes.values()) and any(w > h for h, w in sizes.values())
+    )
 
     for mode in ("crop", "pad"):
         batch = sacre_batches[mode]
@@ -319,7 +332,9 @@ def _blob_centroid(img: torch.Tensor, x: float, y: float, background: float, rad
     return np.array([(win * (jj + 0.5)).sum() / win.sum(), (win * (ii + 0.5)).sum() / win.sum()])
 
 
-@pytest.mark.parametrize(("hw", "mode"), [((512, 768), "crop"), ((640, 470), "crop"), ((640, 470), "pad"), ((412, 640), "pad")])
+@pytest.mark.parametrize(
+    ("hw", "mode"), [((512, 768), "crop"), ((640, 470), "crop"), ((640, 470), "pad"), ((412, 640), "pad")]
+)
 def test_record_maps_where_pil_puts_the_pixels(hw: tuple[int, int], mode: str) -> None:
     # Gaussian blobs (σ = 2 px, no clipping) centred on pixels (row cy, col cx), i.e. at (cx + 0.5, cy + 0.5).
     # Checks the +0.5 convention against PIL's actual resampling: measured error < 0.01 px, while a

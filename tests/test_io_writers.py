@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pycolmap
 import pytest
+from conftest import SCENES
 
 from ns_extreme.geometry.conventions import c2w_opengl_from_w2c_opencv, to_homogeneous
 from ns_extreme.io.atomic import (
@@ -24,8 +25,6 @@ from ns_extreme.io.dataset import point_properties
 from ns_extreme.io.depth import read_depth_npy, read_depth_png_mm, write_depth_npy, write_depth_png_mm
 from ns_extreme.io.ply import read_ply, write_ply
 from ns_extreme.io.transforms_json import apply_world_transform, read_transforms_json, write_transforms_json
-
-from conftest import SCENES
 
 # nerfstudio's ns-process-data world change (COLMAP -> z up), plus a shift so translation matters too.
 APPLIED = np.array([[1.0, 0.0, 0.0, 0.5], [0.0, 0.0, 1.0, -1.0], [0.0, -1.0, 0.0, 2.0]])
@@ -122,7 +121,9 @@ def test_write_colmap_model_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rotation"):
         write_colmap_model(tmp_path, ["a.jpg"], w2c * 2.0, K, np.array([[100, 80]]))
     with pytest.raises(ValueError, match="unique"):
-        write_colmap_model(tmp_path, ["a.jpg", "a.jpg"], np.repeat(w2c, 2, 0), np.repeat(K, 2, 0), np.array([[1, 1]] * 2))
+        write_colmap_model(
+            tmp_path, ["a.jpg", "a.jpg"], np.repeat(w2c, 2, 0), np.repeat(K, 2, 0), np.array([[1, 1]] * 2)
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -204,15 +205,21 @@ def test_transforms_json_keys_depth_mask_extra(tmp_path: Path) -> None:
     frame = data["frames"][1]
     assert frame["depth_file_path"] == "depths/b.png" and frame["mask_path"] == "masks/b.png"
     assert {k: frame[k] for k in ("fl_x", "fl_y", "cx", "cy", "w", "h", "k1", "k2", "p1", "p2")} == {
-        "fl_x": 100.0, "fl_y": 90.0, "cx": 50.0, "cy": 40.0, "w": 100, "h": 80, "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
+        "fl_x": 100.0, "fl_y": 90.0, "cx": 50.0, "cy": 40.0, "w": 100, "h": 80,
+        "k1": 0.0, "k2": 0.0, "p1": 0.0, "p2": 0.0,
     }  # fmt: skip
     assert frame["transform_matrix"] == np.diag([1.0, -1.0, -1.0, 1.0]).tolist()
     _, _, _, _, meta = read_transforms_json(path)
-    assert meta["depth_paths"] == ["depths/a.png", "depths/b.png"] and meta["mask_paths"] == ["masks/a.png", "masks/b.png"]
+    assert meta["depth_paths"] == ["depths/a.png", "depths/b.png"] and meta["mask_paths"] == [
+        "masks/a.png",
+        "masks/b.png",
+    ]
     with pytest.raises(ValueError, match="clash"):
         write_transforms_json(tmp_path / "t2.json", ["a.png"], w2c[:1], K[:1], sizes[:1], extra={"frames": []})
     with pytest.raises(ValueError, match="rigid"):
-        write_transforms_json(tmp_path / "t3.json", ["a.png"], w2c[:1], K[:1], sizes[:1], applied_transform=2 * np.eye(4)[:3])
+        write_transforms_json(
+            tmp_path / "t3.json", ["a.png"], w2c[:1], K[:1], sizes[:1], applied_transform=2 * np.eye(4)[:3]
+        )
     assert not (tmp_path / "t2.json").exists() and not (tmp_path / "t3.json").exists()
 
 
@@ -226,13 +233,21 @@ def test_read_reference_transforms_json(dev_small: Path, scene: str) -> None:
     np.testing.assert_allclose(K_j, K[order], rtol=1e-8)
     np.testing.assert_array_equal(sizes_j, sizes[order])
     if scene == "hloc_sacre_coeur":
-        assert meta["camera_model"] == "OPENCV" and meta["distortion_params"][0, 0] == pytest.approx(0.016091398870649847)
+        assert meta["camera_model"] == "OPENCV" and meta["distortion_params"][0, 0] == pytest.approx(
+            0.016091398870649847
+        )
 
 
 def test_read_transforms_json_global_intrinsics(tmp_path: Path) -> None:
     c2w = np.eye(4)
     c2w[:3, 3] = [1.0, 2.0, 3.0]
-    doc = {"fl_x": 500.0, "w": 640, "h": 480, "k1": 0.1, "frames": [{"file_path": "a.jpg", "transform_matrix": c2w.tolist()}]}
+    doc = {
+        "fl_x": 500.0,
+        "w": 640,
+        "h": 480,
+        "k1": 0.1,
+        "frames": [{"file_path": "a.jpg", "transform_matrix": c2w.tolist()}],
+    }
     (tmp_path / "transforms.json").write_text(json.dumps(doc))
     paths, w2c, K, sizes, meta = read_transforms_json(tmp_path)
     np.testing.assert_array_equal(K[0], [[500.0, 0, 320], [0, 500, 240], [0, 0, 1]])
@@ -296,7 +311,10 @@ def test_ply_fast_reader_matches_plyfile(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     xyz = rng.normal(size=(500, 3)) * 1e3
     rgb = rng.integers(0, 256, (500, 3)).astype(np.uint8)
-    extra = {"confidence": rng.random(500).astype(np.float32), "view": rng.integers(-5, 2**31 - 1, 500).astype(np.int32)}
+    extra = {
+        "confidence": rng.random(500).astype(np.float32),
+        "view": rng.integers(-5, 2**31 - 1, 500).astype(np.int32),
+    }
     for binary in (False, True):
         path = write_ply(tmp_path / f"p{binary}.ply", xyz, rgb, extra=extra, binary=binary)
         fast, slow = _fast_vertex_columns(path), _plyfile_vertex_columns(path)
@@ -306,9 +324,12 @@ def test_ply_fast_reader_matches_plyfile(tmp_path: Path) -> None:
             np.testing.assert_array_equal(fast[name], slow[name])
     # Anything else (here big-endian, with a face element) goes through plyfile.
     table = np.array([tuple(p) + tuple(c) for p, c in zip(xyz[:4].astype("f4"), rgb[:4])],
-                     dtype=[("x", ">f4"), ("y", ">f4"), ("z", ">f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")])  # fmt: skip
+                     dtype=[("x", ">f4"), ("y", ">f4"), ("z", ">f4"),
+                            ("red", "u1"), ("green", "u1"), ("blue", "u1")])  # fmt: skip
     faces = np.array([([0, 1, 2],)], dtype=[("vertex_indices", "i4", (3,))])
-    PlyData([PlyElement.describe(table, "vertex"), PlyElement.describe(faces, "face")], byte_order=">").write(str(tmp_path / "be.ply"))
+    PlyData([PlyElement.describe(table, "vertex"), PlyElement.describe(faces, "face")], byte_order=">").write(
+        str(tmp_path / "be.ply")
+    )
     assert _fast_vertex_columns(tmp_path / "be.ply") is None
     xyz_be, rgb_be, extra_be = read_ply(tmp_path / "be.ply")
     np.testing.assert_array_equal(xyz_be, xyz[:4].astype("f4"))
@@ -323,7 +344,9 @@ def test_ply_read_by_open3d(tmp_path: Path) -> None:
     rgb = rng.integers(0, 256, size=(100, 3), dtype=np.uint8)
     conf = rng.random(100).astype(np.float32)
     for binary, extra in ((False, None), (True, None), (False, {"confidence": conf}), (True, {"confidence": conf})):
-        pcd = o3d.io.read_point_cloud(str(write_ply(tmp_path / f"o3d_{binary}.ply", xyz, rgb, extra=extra, binary=binary)))
+        pcd = o3d.io.read_point_cloud(
+            str(write_ply(tmp_path / f"o3d_{binary}.ply", xyz, rgb, extra=extra, binary=binary))
+        )
         assert len(pcd.points) == len(xyz) and not pcd.has_normals()
         # binary holds the float32 bits; ASCII holds 9 significant digits, parsed by open3d as double
         np.testing.assert_allclose(np.asarray(pcd.points), xyz.astype(np.float32), rtol=0 if binary else 1e-7, atol=0)

@@ -81,7 +81,12 @@ def test_strict_key_check_names_the_keys(tmp_path, tiny_state, damage):
 
 def test_weights_of_a_different_model_size_are_refused(tiny_file):
     with pytest.raises(ModelLoadError, match="does not fit this model"):
-        load_model("vggt", weights=tiny_file, alignment="pretrained", config=VGGTConfig(**{**TINY.__dict__, "embed_dim": 64, "num_heads": 4}))
+        load_model(
+            "vggt",
+            weights=tiny_file,
+            alignment="pretrained",
+            config=VGGTConfig(**{**TINY.__dict__, "embed_dim": 64, "num_heads": 4}),
+        )
 
 
 def test_missing_weights_errors(tmp_path, monkeypatch):
@@ -155,8 +160,12 @@ def filled_wide_model(name: str, cfg):
 
 
 WIDE_CONFIGS = {
-    "vggt": lambda: VGGTConfig(dino_depth=1, camera_trunk_depth=1, dpt_features=8, dpt_out_channels=(8, 8, 16, 16), img_size=56),
-    "pi3": lambda: Pi3Config(img_size=56, encoder_depth=1, head_embed_dim=32, head_num_heads=2, head_depth=1, camera_dim=16),
+    "vggt": lambda: VGGTConfig(
+        dino_depth=1, camera_trunk_depth=1, dpt_features=8, dpt_out_channels=(8, 8, 16, 16), img_size=56
+    ),
+    "pi3": lambda: Pi3Config(
+        img_size=56, encoder_depth=1, head_embed_dim=32, head_num_heads=2, head_depth=1, camera_dim=16
+    ),
 }
 
 
@@ -202,7 +211,10 @@ def test_bias_checkpoint_round_trip_has_the_released_structure(tmp_path, bias_ck
     [
         ({"bias_state_dict": {"aggregator.frame_blocks.4.attn.nope.bias": torch.zeros(32)}}, "not parameters"),
         ({"bias_state_dict": {"aggregator.frame_blocks.4.attn.qkv.bias": torch.zeros(5)}}, "wrong shapes"),
-        ({"bias_state_dict": {"aggregator.frame_blocks.4.attn.qkv.bias": torch.zeros(96, dtype=torch.int64)}}, "floating-point"),
+        (
+            {"bias_state_dict": {"aggregator.frame_blocks.4.attn.qkv.bias": torch.zeros(96, dtype=torch.int64)}},
+            "floating-point",
+        ),
         ({"bias_state_dict": {"aggregator.frame_blocks.4.attn.qkv.bias": torch.full((96,), float("nan"))}}, "NaN"),
         ({"state_dict": {}}, "bias_state_dict"),
         ({"bias_state_dict": {}}, "empty"),

@@ -70,7 +70,13 @@ def test_summarize_per_class_and_empty_class():
 def test_non_finite_errors_are_failures():
     s = summarize([5.0, math.nan, 20.0], ["none", "none", "none"])
     # NaN counts as 180°: median of (5, 20, 180) = 20; passes no threshold
-    assert s["none"] == {"count": 3, "failed": 1, "mre": 20.0, "ra15": pytest.approx(100 / 3), "ra30": pytest.approx(200 / 3)}
+    assert s["none"] == {
+        "count": 3,
+        "failed": 1,
+        "mre": 20.0,
+        "ra15": pytest.approx(100 / 3),
+        "ra30": pytest.approx(200 / 3),
+    }
 
 
 def test_format_table_side_by_side():

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ns_extreme.models import ModelLoadError, get_spec, load_model
-from ns_extreme.models.layers import Attention, Linear, RopeTables, RotaryPositionEmbedding2D, patch_positions, store_weights_in
+from ns_extreme.models.layers import (
+    Attention,
+    Linear,
+    RopeTables,
+    RotaryPositionEmbedding2D,
+    patch_positions,
+    store_weights_in,
+)
 from ns_extreme.models.vggt import VGGT, VGGTConfig
 from ns_extreme.models.weights import WeightsReader, read_state_dict
 
@@ -50,7 +57,20 @@ def mixed_state() -> dict[str, torch.Tensor]:
     specially: NaN, ±inf, -0.0, float32 subnormals, values that overflow float16, ties of bf16 rounding."""
     g = torch.Generator().manual_seed(1)
     special = torch.tensor(
-        [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -3e-39, 3.0e38, 65520.0, 1 + 2**-8, 1 + 3 * 2**-8, -(2**-130)]
+        [
+            float("nan"),
+            float("inf"),
+            -float("inf"),
+            -0.0,
+            0.0,
+            1e-40,
+            -3e-39,
+            3.0e38,
+            65520.0,
+            1 + 2**-8,
+            1 + 3 * 2**-8,
+            -(2**-130),
+        ]
     )
     return {
         "blocks.0.attn.qkv.weight": torch.randn(96, 32, generator=g),
@@ -283,7 +303,9 @@ def test_storage_dtype_narrows_exactly_the_linear_matrices(tiny_files, name, fil
     model = tiny_load(name, tiny_files[file_key], storage_dtype=torch.bfloat16)
     narrow = linear_weight_names(model)
     # The transformer blocks' projections are among them; heads' plain nn.Linear (pi3) are not.
-    assert {"attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"} <= {".".join(n.split(".")[-3:]) for n in narrow}
+    assert {"attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"} <= {
+        ".".join(n.split(".")[-3:]) for n in narrow
+    }
     loaded = model.state_dict()  # parameters and buffers (pi3: image_mean / image_std)
     assert set(loaded) == set(state)
     assert sum(loaded[n].numel() for n in narrow) > 0.5 * sum(v.numel() for v in loaded.values())
@@ -470,8 +492,12 @@ def test_rope_layout_row_first_half_col_second_half():
     with torch.no_grad():
         y = rope(x, pos)
     assert torch.equal(y[0, 0, 0], x[0, 0, 0])  # position (0, 0): identity
-    assert torch.equal(y[0, 0, 1, D // 2 :], x[0, 0, 1, D // 2 :]) and not torch.allclose(y[0, 0, 1, : D // 2], x[0, 0, 1, : D // 2])
-    assert torch.equal(y[0, 0, 2, : D // 2], x[0, 0, 2, : D // 2]) and not torch.allclose(y[0, 0, 2, D // 2 :], x[0, 0, 2, D // 2 :])
+    assert torch.equal(y[0, 0, 1, D // 2 :], x[0, 0, 1, D // 2 :]) and not torch.allclose(
+        y[0, 0, 1, : D // 2], x[0, 0, 1, : D // 2]
+    )
+    assert torch.equal(y[0, 0, 2, : D // 2], x[0, 0, 2, : D // 2]) and not torch.allclose(
+        y[0, 0, 2, D // 2 :], x[0, 0, 2, D // 2 :]
+    )
     a, b = x[0, 0, 1, 0].item(), x[0, 0, 1, D // 4].item()
     assert y[0, 0, 1, 0].item() == pytest.approx(a * math.cos(1) - b * math.sin(1), abs=1e-6)
     assert y[0, 0, 1, D // 4].item() == pytest.approx(b * math.cos(1) + a * math.sin(1), abs=1e-6)

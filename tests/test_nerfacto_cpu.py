@@ -15,7 +15,6 @@ import textwrap
 
 import pytest
 
-
 SCENE = "strecha_Herz-Jesus-P8"
 
 WRAPPER = textwrap.dedent(
@@ -67,7 +66,8 @@ def test_nerfacto_trains_on_an_extreme3d_dataset(tmp_path, dev_small):
     script.write_text(WRAPPER)
     runs = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, str(script), "nerfacto", *CPU_RECIPE, "--output-dir", str(runs), "extreme3d", "--data", str(dataset)],
+        [sys.executable, str(script), "nerfacto", *CPU_RECIPE, "--output-dir", str(runs),
+         "extreme3d", "--data", str(dataset)],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])

@@ -121,7 +121,9 @@ def test_cameras_and_points_share_the_output_frame(dataset):
     ident = parse(dataset, orientation_method="none", center_method="none", auto_scale_poses=False)
     s = out.dataparser_scale
     # T = dataparser_transform @ inv(applied): the saved world -> output map before scaling.
-    applied = np.vstack([np.asarray(json.loads((dataset / "transforms.json").read_text())["applied_transform"]), [0, 0, 0, 1]])
+    applied = np.vstack(
+        [np.asarray(json.loads((dataset / "transforms.json").read_text())["applied_transform"]), [0, 0, 0, 1]]
+    )
     T = np.vstack([out.dataparser_transform.numpy(), [0, 0, 0, 1]]) @ np.linalg.inv(applied)
     assert np.allclose(T[:3, :3] @ T[:3, :3].T, np.eye(3), atol=1e-5)
     c_saved = ident.cameras.camera_to_worlds.double().numpy()
@@ -131,7 +133,9 @@ def test_cameras_and_points_share_the_output_frame(dataset):
     np.testing.assert_allclose(c_out[:, :, 3], t_expected, rtol=1e-4, atol=1e-5 * np.abs(t_expected).max())
     p_saved = ident.metadata["points3D_xyz"].double().numpy()
     p_expected = s * (p_saved @ T[:3, :3].T + T[:3, 3])
-    np.testing.assert_allclose(out.metadata["points3D_xyz"].double().numpy(), p_expected, rtol=1e-4, atol=1e-4 * np.abs(p_expected).max())
+    np.testing.assert_allclose(
+        out.metadata["points3D_xyz"].double().numpy(), p_expected, rtol=1e-4, atol=1e-4 * np.abs(p_expected).max()
+    )
     assert float(out.cameras.camera_to_worlds[:, :, 3].abs().max()) == pytest.approx(2.0, abs=1e-4)
 
 
@@ -252,13 +256,50 @@ P = "--pipeline.datamanager.dataparser"
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["ns-train", "splatfacto", P, "extreme3d", "--data", "D"], ["ns-train", "splatfacto", "--data", "D", "extreme3d"]),
-        (["ns-train", "splatfacto", f"{P}=extreme3d", "--data", "D"], ["ns-train", "splatfacto", "--data", "D", "extreme3d"]),
         (
-            ["ns-train", "splatfacto", "--max-num-iterations", "5", P, "extreme3d", "--orientation-method", "none",
-             "--pipeline.model.background-color", "1", "1", "1", "--data", "D", "--conf_percentile=10", "--help"],
-            ["ns-train", "splatfacto", "--max-num-iterations", "5", "--pipeline.model.background-color", "1", "1", "1",
-             "--data", "D", "extreme3d", "--orientation-method", "none", "--conf_percentile=10", "--help"],
+            ["ns-train", "splatfacto", P, "extreme3d", "--data", "D"],
+            ["ns-train", "splatfacto", "--data", "D", "extreme3d"],
+        ),
+        (
+            ["ns-train", "splatfacto", f"{P}=extreme3d", "--data", "D"],
+            ["ns-train", "splatfacto", "--data", "D", "extreme3d"],
+        ),
+        (
+            [
+                "ns-train",
+                "splatfacto",
+                "--max-num-iterations",
+                "5",
+                P,
+                "extreme3d",
+                "--orientation-method",
+                "none",
+                "--pipeline.model.background-color",
+                "1",
+                "1",
+                "1",
+                "--data",
+                "D",
+                "--conf_percentile=10",
+                "--help",
+            ],
+            [
+                "ns-train",
+                "splatfacto",
+                "--max-num-iterations",
+                "5",
+                "--pipeline.model.background-color",
+                "1",
+                "1",
+                "1",
+                "--data",
+                "D",
+                "extreme3d",
+                "--orientation-method",
+                "none",
+                "--conf_percentile=10",
+                "--help",
+            ],
         ),
         (
             ["ns-train", "nerfacto", P, "extreme3d", f"{P}.scale-factor", "2", f"{P}.data=D", "--vis", "viewer"],
@@ -294,7 +335,8 @@ def test_ns_train_accepts_the_flag_spelling(dataset):
         from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
         c = tyro.cli(AnnotatedBaseConfigUnion)
         dp = c.pipeline.datamanager.dataparser
-        print("RESULT", type(dp).__name__, c.data, dp.orientation_method, dp.posing.conf_percentile, c.max_num_iterations)
+        print("RESULT", type(dp).__name__, c.data, dp.orientation_method, dp.posing.conf_percentile,
+              c.max_num_iterations)
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=_env(), timeout=300)
@@ -315,7 +357,11 @@ def test_splatfacto_help_lists_extreme3d(capsys):
 
 def test_real_ns_train_help_with_the_flag_spelling():
     proc = subprocess.run(
-        [str(BIN / "ns-train"), "splatfacto", P, "extreme3d", "--help"], capture_output=True, text=True, env=_env(), timeout=300
+        [str(BIN / "ns-train"), "splatfacto", P, "extreme3d", "--help"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "splatfacto extreme3d [-h]" in proc.stdout.splitlines()[0]

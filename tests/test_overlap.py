@@ -57,7 +57,9 @@ def test_fov_xy_deg():
         fov_xy_deg(0.0, 500.0, W, H)
 
 
-@pytest.mark.parametrize("yaw,pitch,roll", [(29.9, 0.0, 0.0), (-61.0, 12.0, 0.0), (37.0, -22.6, 10.0), (150.0, 5.0, -4.0)])
+@pytest.mark.parametrize(
+    "yaw,pitch,roll", [(29.9, 0.0, 0.0), (-61.0, 12.0, 0.0), (37.0, -22.6, 10.0), (150.0, 5.0, -4.0)]
+)
 def test_yaw_pitch_roundtrip(yaw, pitch, roll):
     got_yaw, got_pitch = yaw_pitch_deg(rel_rot(yaw, pitch, roll))
     assert got_yaw == pytest.approx(yaw, abs=1e-9)

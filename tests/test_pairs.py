@@ -73,7 +73,9 @@ def test_castle_all_pairs_angles_and_labels(dev_small):
 
     # Every pair that shares no verified match and faces > 90° apart is labelled none (10 such pairs).
     no_match_far = [
-        r for r in records if po["gt_consistent_matches"][idx[r.view1.path]][idx[r.view2.path]] == 0 and r.rel_angle_deg > 90
+        r
+        for r in records
+        if po["gt_consistent_matches"][idx[r.view1.path]][idx[r.view2.path]] == 0 and r.rel_angle_deg > 90
     ]
     assert len(no_match_far) == 10
     assert {r.overlap for r in no_match_far} == {"none"}
@@ -95,7 +97,9 @@ def test_castle_all_pairs_angles_and_labels(dev_small):
 
 def test_transforms_json_gives_same_pairs_as_colmap(dev_small):
     from_colmap = mine_pairs(scene_views(dev_small, CASTLE), "castle", strategy="all", balance=False)
-    from_tj = mine_pairs(views_from_transforms(dev_small / CASTLE / "transforms.json"), "castle", strategy="all", balance=False)
+    from_tj = mine_pairs(
+        views_from_transforms(dev_small / CASTLE / "transforms.json"), "castle", strategy="all", balance=False
+    )
     assert [r.view1.path for r in from_tj][:2] == ["images/0001.jpg", "images/0001.jpg"]
     assert len(from_tj) == len(from_colmap)
     for a, b in zip(from_colmap, from_tj):
@@ -108,9 +112,7 @@ def _hand_knn_pairs(dist: np.ndarray, k: int, mutual: bool = False) -> set[tuple
     d = dist.copy()
     np.fill_diagonal(d, np.inf)
     nn = {i: set(np.argsort(d[i])[:k].tolist()) for i in range(len(d))}
-    return {
-        (min(i, j), max(i, j)) for i in nn for j in nn[i] if not mutual or i in nn[j]
-    }
+    return {(min(i, j), max(i, j)) for i in nn for j in nn[i] if not mutual or i in nn[j]}
 
 
 def test_knn_mining_on_fountain(dev_small):
@@ -290,14 +292,30 @@ def test_other_corruptions(tmp_path, dev_small):
 def _unscene_entry(gt, n1: str, n2: str, label: str, with_c: bool = True) -> dict:
     def img(name: str) -> dict:
         q, _ = gt[name]
-        d = {"path": f"scenes/Castle/0/images/{name}", "qw": q[0], "qx": q[1], "qy": q[2], "qz": q[3],
-             "fx": 689.87, "fy": 691.04, "width": 768, "height": 512}
+        d = {
+            "path": f"scenes/Castle/0/images/{name}",
+            "qw": q[0],
+            "qx": q[1],
+            "qy": q[2],
+            "qz": q[3],
+            "fx": 689.87,
+            "fy": 691.04,
+            "width": 768,
+            "height": 512,
+        }
         if with_c:
             d.update(cx=380.1725, cy=251.7025)
         return d
 
-    return {"img1": img(n1), "img2": img(n2), "overlap_amount": label, "scene": "Castle",
-            "t_x": 0.5, "t_y": -0.1, "t_z": 0.2}
+    return {
+        "img1": img(n1),
+        "img2": img(n2),
+        "overlap_amount": label,
+        "scene": "Castle",
+        "t_x": 0.5,
+        "t_y": -0.1,
+        "t_z": 0.2,
+    }
 
 
 def test_import_unscene_pairs(tmp_path, dev_small):
@@ -376,12 +394,15 @@ def test_symlinked_folders_inside_the_root_are_followed(tmp_path, dev_small):
     (root / "castle").symlink_to(dev_small / CASTLE / "images", target_is_directory=True)
     records = mine_pairs(scene_views(dev_small, CASTLE), "castle", strategy="knn-center", k=1, balance=False)[:2]
     linked = [dataclasses.replace(r, view1=dataclasses.replace(r.view1, path="castle/" + Path(r.view1.path).name),
-                                  view2=dataclasses.replace(r.view2, path="castle/" + Path(r.view2.path).name)) for r in records]  # fmt: skip
+                                  view2=dataclasses.replace(r.view2, path="castle/" + Path(r.view2.path).name))
+              for r in records]  # fmt: skip
     PairList(root=str(root), records=linked).save_json(tmp_path / "pairs.json")
     pairs = PairList.load_json(tmp_path / "pairs.json")
     item = PairDataset(pairs, root, image_size=56)[0]
     assert item["images"].shape[:2] == (2, 3) and float(item["images"].std()) > 0.05  # real pixels were read
-    np.testing.assert_allclose(item["R_gt"].numpy(), np.stack([linked[0].view1.rotation(), linked[0].view2.rotation()]), atol=1e-12)
+    np.testing.assert_allclose(
+        item["R_gt"].numpy(), np.stack([linked[0].view1.rotation(), linked[0].view2.rotation()]), atol=1e-12
+    )
 
     escaping = json.loads((tmp_path / "pairs.json").read_text())
     escaping["pairs"][1]["view2"]["path"] = "castle/../../outside.jpg"

@@ -8,14 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import read_key_list
 from safetensors.torch import save_file
 
 from ns_extreme.models import ModelLoadError, get_spec, load_model
 from ns_extreme.models.pi3 import Pi3, Pi3Config
 from ns_extreme.models.pi3.heads import PixelShuffleHead, orthogonalise
 from ns_extreme.models.pi3.preprocess import pi3_resize_hw, preprocess_images_pi3
-
-from conftest import read_key_list
 
 TINY = Pi3Config.tiny()
 OUTPUTS = ("points", "local_points", "conf", "camera_poses")
@@ -351,20 +350,31 @@ def test_pi3_backbone_predictions(random_tiny):
 def test_pose_images_end_to_end_with_a_tiny_random_pi3(random_tiny, dev_small):
     from ns_extreme.io.images import list_images
     from ns_extreme.posing import PosingOptions, pose_images
-    from ns_extreme.posing.refine import RefineOptions
     from ns_extreme.posing.backbone import Pi3Backbone
+    from ns_extreme.posing.refine import RefineOptions
 
     paths = list_images(dev_small / "strecha_Herz-Jesus-P8" / "images")[:5]
     backbone = Pi3Backbone(random_tiny, target_size=140)
-    recon = pose_images(paths, backbone, PosingOptions(max_points=2000, refinement=RefineOptions(refine=False)), progress=False)
+    recon = pose_images(
+        paths, backbone, PosingOptions(max_points=2000, refinement=RefineOptions(refine=False)), progress=False
+    )
     assert recon.w2c_opencv.shape == (5, 3, 4) and np.isfinite(recon.w2c_opencv).all()
-    assert np.isfinite(recon.intrinsics).all() and (recon.intrinsics[:, 0, 0] > 0).all() and (recon.intrinsics[:, 1, 1] > 0).all()
+    assert (
+        np.isfinite(recon.intrinsics).all()
+        and (recon.intrinsics[:, 0, 0] > 0).all()
+        and (recon.intrinsics[:, 1, 1] > 0).all()
+    )
     # Principal point at the centre of the original images.
     np.testing.assert_allclose(recon.intrinsics[:, :2, 2], recon.sizes_wh / 2.0, rtol=1e-6)
     assert len(recon.points_xyz) > 0 and np.isfinite(recon.points_xyz).all()
     assert recon.provenance["backbone"] == "pi3"
     # Chunked inference needs the recovered intrinsics too (the Sim(3) join unprojects shared frames).
-    chunked = pose_images(paths, backbone, PosingOptions(max_points=2000, max_frames_per_pass=3, chunk_overlap=1, refinement=RefineOptions(refine=False)), progress=False)
+    chunked = pose_images(
+        paths,
+        backbone,
+        PosingOptions(max_points=2000, max_frames_per_pass=3, chunk_overlap=1, refinement=RefineOptions(refine=False)),
+        progress=False,
+    )
     assert np.isfinite(chunked.w2c_opencv).all() and (chunked.intrinsics[:, 0, 0] > 0).all()
 
 

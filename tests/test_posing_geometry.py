@@ -18,12 +18,6 @@ from typing import Any, Optional
 
 import numpy as np
 import pytest
-from scipy.spatial.transform import Rotation
-
-from ns_extreme.io.dataset import write_dataset
-from ns_extreme.io.depth import read_depth_png_mm
-from ns_extreme.posing import PosingOptions, Reconstruction, pose_images
-from ns_extreme.posing.refine import RefineOptions
 from posing_helpers import (
     GroundTruthBackbone,
     Reference,
@@ -34,6 +28,12 @@ from posing_helpers import (
     project,
     rotation_angle_deg,
 )
+from scipy.spatial.transform import Rotation
+
+from ns_extreme.io.dataset import write_dataset
+from ns_extreme.io.depth import read_depth_png_mm
+from ns_extreme.posing import PosingOptions, Reconstruction, pose_images
+from ns_extreme.posing.refine import RefineOptions
 
 CASTLE = "strecha_castle-P19_odd9"  # courtyard seen from all sides, 9 views
 SACRE = "hloc_sacre_coeur"  # 10 Flickr photos, mixed sizes, portrait and landscape
@@ -97,7 +97,14 @@ def _run(
     depth_format: str = "png", **options: Any,
 ) -> Run:  # fmt: skip
     """Pose a scene with the GT backbone and write the dataset (memoised per configuration)."""
-    key = (scene, mode, target, depth_format, repr(sorted((backbone_kwargs or {}).items())), repr(sorted(options.items())))
+    key = (
+        scene,
+        mode,
+        target,
+        depth_format,
+        repr(sorted((backbone_kwargs or {}).items())),
+        repr(sorted(options.items())),
+    )
     if key not in _RUNS:
         ref = _ref(dev_small, scene)
         opts = PosingOptions(preprocess=mode, max_points=20_000, refinement=FEED_FORWARD, **options)
@@ -179,7 +186,9 @@ def _read_with_nerfstudio(out: Path, which: str) -> Cameras:
     if "points3D_xyz" in outputs.metadata:
         points = (outputs.metadata["points3D_xyz"].double().numpy() / s - T[:, 3]) @ A_inv.T
     assert cams.distortion_params is None or float(cams.distortion_params.abs().max()) == 0.0
-    return Cameras([Path(p).name for p in outputs.image_filenames], _w2c_from_c2w_opengl(c2w_orig), K, sizes, points, cams, (T, s))
+    return Cameras(
+        [Path(p).name for p in outputs.image_filenames], _w2c_from_c2w_opengl(c2w_orig), K, sizes, points, cams, (T, s)
+    )
 
 
 def read_transforms_f64(out: Path) -> Cameras:
@@ -275,7 +284,8 @@ def test_ground_truth_backbone_mimics_vggt_outputs(dev_small: Path) -> None:
     small = backbone.scene.spheres[1]
     hits_small = [
         float(np.mean(np.abs(np.linalg.norm(
-            backbone.scene.points(ref.w2c[k], ref.K[k], np.stack(np.meshgrid(np.arange(0, w, 8) + 0.5, np.arange(0, h, 8) + 0.5), -1))
+            backbone.scene.points(ref.w2c[k], ref.K[k],
+                                  np.stack(np.meshgrid(np.arange(0, w, 8) + 0.5, np.arange(0, h, 8) + 0.5), -1))
             - small.centre, axis=-1) - small.radius) < 1e-6 * ref.extent))
         for k, (w, h) in enumerate(ref.sizes_wh)
     ]  # fmt: skip
@@ -292,7 +302,9 @@ def test_transforms_json_through_nerfstudio_parser(run: Run) -> None:
     cams = read_with_nerfstudio(run.out, "transforms")
     _check_cameras(cams, run, key + " transforms.json")
     assert cams.points is not None
-    _check_points_on_surface(cams.points, pose_errors(cams.w2c, run.ref).sim, run, key + " transforms.json", "ply_dist_rel")
+    _check_points_on_surface(
+        cams.points, pose_errors(cams.w2c, run.ref).sim, run, key + " transforms.json", "ply_dist_rel"
+    )
     for name, src in zip(cams.names, run.ref.paths):  # the originals, unchanged
         assert (run.out / "images" / name).read_bytes() == src.read_bytes()
 
@@ -386,7 +398,9 @@ def _inverse(sim: Similarity) -> Similarity:
 # ---------------------------------------------------------------------------------------------- point cloud
 
 
-def _check_points_seen(points: np.ndarray, rgb: np.ndarray, w2c: np.ndarray, K: np.ndarray, run: Run, tol_px: float = 1e-2) -> None:
+def _check_points_seen(
+    points: np.ndarray, rgb: np.ndarray, w2c: np.ndarray, K: np.ndarray, run: Run, tol_px: float = 1e-2
+) -> None:
     """Every point projects (with the given cameras, original resolution) onto a preprocessed pixel centre
     inside the real-pixel region of some view, in front of it, with that pixel's colour."""
     seen = np.zeros(len(points), dtype=bool)
@@ -518,7 +532,16 @@ def test_castle_pair_angles_match_pair_overlap_json(dev_small: Path, tmp_path_fa
 def test_chunked_equals_unchunked(dev_small: Path, tmp_path_factory, scene: str, mode: str) -> None:
     """4-frame passes sharing 2 frames, each pass in its own world and scale (0.37, 2.9, 0.61, 1.7):
     stitched by Sim(3) on the shared frames, the result is as exact as one pass."""
-    run = _run(dev_small, tmp_path_factory, scene, mode, TARGET_FAST, depth_format="none", max_frames_per_pass=4, chunk_overlap=2)
+    run = _run(
+        dev_small,
+        tmp_path_factory,
+        scene,
+        mode,
+        TARGET_FAST,
+        depth_format="none",
+        max_frames_per_pass=4,
+        chunk_overlap=2,
+    )
     n = len(run.ref.names)
     expected_calls = [list(range(s, min(s + 4, n))) for s in range(0, n - 2, 2)]
     assert run.backbone.calls == expected_calls
@@ -547,8 +570,8 @@ def test_chunk_join_ignores_outliers_in_shared_frames(dev_small: Path, tmp_path_
     join still lands exactly, the residual report shows them, and no corrupted depth reaches the output."""
     corrupt = {1: {2: 0.2, 3: 0.2}}  # call 1 = frames 2..5; frames 2, 3 are the ones shared with call 0
     run = _run(
-        dev_small, tmp_path_factory, FOUNTAIN, "crop", TARGET_FAST, backbone_kwargs={"corrupt": corrupt}, depth_format="none",
-        max_frames_per_pass=4, chunk_overlap=2,
+        dev_small, tmp_path_factory, FOUNTAIN, "crop", TARGET_FAST, backbone_kwargs={"corrupt": corrupt},
+        depth_format="none", max_frames_per_pass=4, chunk_overlap=2,
     )  # fmt: skip
     residuals = run.recon.chunk_residuals
     _record(f"{FOUNTAIN}/crop chunked+outliers", join_median=residuals[0]["median"], join_p90=residuals[0]["p90"])
@@ -558,7 +581,9 @@ def test_chunk_join_ignores_outliers_in_shared_frames(dev_small: Path, tmp_path_
     cams = read_with_nerfstudio(run.out, "transforms")
     _check_cameras(cams, run, f"{FOUNTAIN}/crop chunked+outliers")
     xyz, _ = _ply_points_in_model_world(run.out)
-    _check_points_on_surface(xyz, pose_errors(cams.w2c, run.ref).sim, run, f"{FOUNTAIN}/crop chunked+outliers", "ply_dist_rel")
+    _check_points_on_surface(
+        xyz, pose_errors(cams.w2c, run.ref).sim, run, f"{FOUNTAIN}/crop chunked+outliers", "ply_dist_rel"
+    )
 
 
 def test_chunking_wide_images_joins_on_real_pixels_only(dev_small: Path, tmp_path_factory) -> None:
@@ -578,7 +603,9 @@ def test_chunking_wide_images_joins_on_real_pixels_only(dev_small: Path, tmp_pat
     wide = Reference(folder, [p.name for p in paths], paths, ref.w2c, K, np.tile([768, 240], (len(paths), 1)))
     backbone = GroundTruthBackbone.for_reference(wide, "pad", TARGET_FAST)
     assert backbone.records[0].valid_mask_preprocessed().mean() < 0.35
-    options = PosingOptions(preprocess="pad", max_points=5_000, max_frames_per_pass=4, chunk_overlap=2, refinement=FEED_FORWARD)
+    options = PosingOptions(
+        preprocess="pad", max_points=5_000, max_frames_per_pass=4, chunk_overlap=2, refinement=FEED_FORWARD
+    )
     recon = pose_images(paths, backbone, options, progress=False)
     err = pose_errors(recon.w2c_opencv, wide)
     _record(f"{FOUNTAIN} 768x240 strips/pad chunked", rot_deg=err.max_rot_deg, pos_rel=err.max_pos_rel,
@@ -676,8 +703,8 @@ def test_known_poses_from_partial_transforms_json(dev_small: Path, tmp_path_fact
     # the Sim(3) also uses the rotations, so the backbone stays exact there.
     perturbed = tuple(keep[1:]) if given == "half" else ()
     run = _run(
-        dev_small, tmp_path_factory, scene, "crop", TARGET_FAST, backbone_kwargs={"perturbed": perturbed}, depth_format="none",
-        poses_from=known_dir / "transforms.json",
+        dev_small, tmp_path_factory, scene, "crop", TARGET_FAST, backbone_kwargs={"perturbed": perturbed},
+        depth_format="none", poses_from=known_dir / "transforms.json",
     )  # fmt: skip
     assert run.recon.world_source == "transforms"
     # sacre_coeur's reference cameras have k1 != 0: the user is told the export drops it.
@@ -708,7 +735,9 @@ def test_known_poses_from_partial_transforms_json(dev_small: Path, tmp_path_fact
 
 def test_given_true_intrinsics_are_exported_and_exact(dev_small: Path, tmp_path_factory) -> None:
     fx, fy, cx, cy = 689.87, 691.04, 380.1725, 251.7025  # the Strecha calibration
-    run = _run(dev_small, tmp_path_factory, CASTLE, "pad", TARGET_FAST, depth_format="none", intrinsics=f"{fx},{fy},{cx},{cy}")
+    run = _run(
+        dev_small, tmp_path_factory, CASTLE, "pad", TARGET_FAST, depth_format="none", intrinsics=f"{fx},{fy},{cx},{cy}"
+    )
     exported = read_transforms_f64(run.out)
     np.testing.assert_array_equal(exported.K[:, [0, 1, 0, 1], [0, 1, 2, 2]], np.tile([fx, fy, cx, cy], (9, 1)))
     assert run.recon.intrinsics_source == ["given"] * 9
@@ -723,7 +752,15 @@ def test_given_wrong_intrinsics_keep_points_consistent_with_them(dev_small: Path
     """A focal length and principal point that differ from the truth: the exported cameras carry exactly the
     given values, and the points are unprojected with them (they re-project where they came from)."""
     given = (640.0, 655.0, 371.5, 262.25)
-    run = _run(dev_small, tmp_path_factory, FOUNTAIN, "crop", TARGET_FAST, depth_format="none", intrinsics=",".join(map(str, given)))
+    run = _run(
+        dev_small,
+        tmp_path_factory,
+        FOUNTAIN,
+        "crop",
+        TARGET_FAST,
+        depth_format="none",
+        intrinsics=",".join(map(str, given)),
+    )
     exported = read_transforms_f64(run.out)
     np.testing.assert_array_equal(exported.K[:, [0, 1, 0, 1], [0, 1, 2, 2]], np.tile(given, (11, 1)))
     colmap = read_with_nerfstudio(run.out, "colmap")

@@ -11,7 +11,12 @@ import pytest
 from PIL import Image
 
 from ns_extreme.posing.chunking import chunk_ranges
-from ns_extreme.posing.intrinsics import FULL_FRAME_DIAGONAL_MM, choose_intrinsics, exif_focal_px, parse_intrinsics_option
+from ns_extreme.posing.intrinsics import (
+    FULL_FRAME_DIAGONAL_MM,
+    choose_intrinsics,
+    exif_focal_px,
+    parse_intrinsics_option,
+)
 from ns_extreme.posing.options import PosingOptions
 from ns_extreme.posing.points import PointCloud, edge_mask, limit_points, voxel_downsample
 
@@ -133,7 +138,12 @@ def _cloud(xyz, conf) -> PointCloud:
     rgb = np.arange(len(xyz) * 3, dtype=np.uint8).reshape(-1, 3)
     n = len(xyz)
     return PointCloud(
-        xyz, rgb, np.asarray(conf, dtype=np.float32), np.zeros(n, np.int64), np.zeros((n, 2), np.float32), np.zeros(n, np.uint8)
+        xyz,
+        rgb,
+        np.asarray(conf, dtype=np.float32),
+        np.zeros(n, np.int64),
+        np.zeros((n, 2), np.float32),
+        np.zeros(n, np.uint8),
     )
 
 
@@ -229,7 +239,9 @@ def test_shared_focal_is_the_same_for_portrait_and_landscape_shots() -> None:
     length in pixels is 500 for the full-size shots and 250 for the half-size ones, whatever the orientation."""
     sizes = np.array([[640, 480], [480, 640], [640, 480], [320, 240], [240, 320]])
     true_f = np.array([500.0, 500.0, 500.0, 250.0, 250.0])
-    predicted = np.stack([_K(f * (1 + e), w / 2, h / 2) for f, e, (w, h) in zip(true_f, [0.0, 0.02, -0.02, 0.0, 0.0], sizes)])
+    predicted = np.stack(
+        [_K(f * (1 + e), w / 2, h / 2) for f, e, (w, h) in zip(true_f, [0.0, 0.02, -0.02, 0.0, 0.0], sizes)]
+    )
     out, _ = choose_intrinsics("shared", predicted, sizes, [Path("x")] * 5)
     np.testing.assert_allclose(out[:, 0, 0], true_f, rtol=1e-12)
     np.testing.assert_allclose(out[:, 1, 1], true_f, rtol=1e-12)

@@ -76,7 +76,10 @@ def test_help_lists_stock_subcommands_and_extreme_poses():
 
 def test_stock_images_help_is_unchanged():
     ours = ns_process_data("images", "--help")
-    script = "import sys; sys.argv[0] = 'ns-process-data'; from nerfstudio.scripts.process_data import entrypoint; entrypoint()"
+    script = (
+        "import sys; sys.argv[0] = 'ns-process-data'; "
+        "from nerfstudio.scripts.process_data import entrypoint; entrypoint()"
+    )
     stock = run([sys.executable, "-c", script, "images", "--help"])
     assert ours.returncode == stock.returncode == 0, ours.stderr + stock.stderr
     assert ours.stdout == stock.stdout
@@ -139,7 +142,9 @@ def test_rerun_refuses_existing_output_then_overwrites(processed, images):
     proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD)
     assert_one_line_error(proc, "already exists", "--overwrite")
     assert (out / "transforms.json").stat().st_mtime_ns == before
-    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD, "--overwrite")
+    proc = ns_process_data(
+        "extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD, "--overwrite"
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "transforms.json").is_file()
 
@@ -165,7 +170,15 @@ def test_bad_inputs_give_one_line_errors(tmp_path, dev_small, case):
 
 
 def test_missing_weights_file_is_a_user_error(tmp_path, images):
-    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(tmp_path / "o"), "--weights", str(tmp_path / "nope.safetensors"))
+    proc = ns_process_data(
+        "extreme-poses",
+        "--data",
+        str(images),
+        "--output-dir",
+        str(tmp_path / "o"),
+        "--weights",
+        str(tmp_path / "nope.safetensors"),
+    )
     assert_one_line_error(proc, "nope.safetensors")
 
 
@@ -184,7 +197,9 @@ def test_ctrl_c_leaves_nothing_half_written(tmp_path, images):
         entrypoint()
         """
     )
-    proc = run([sys.executable, "-c", script, "extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD])
+    proc = run(
+        [sys.executable, "-c", script, "extreme-poses", "--data", str(images), "--output-dir", str(out), *FEED_FORWARD]
+    )
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert "interrupted" in proc.stderr and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []  # neither the output nor a staging folder
@@ -307,7 +322,9 @@ def test_tiny_wiring_model_gives_finite_sane_cameras():
 
     from ns_extreme.cli.process import PoseModelOptions, load_backbones
 
-    backbone, _, report = load_backbones(PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype="fp32"), say=lambda s: None)
+    backbone, _, report = load_backbones(
+        PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype="fp32"), say=lambda s: None
+    )
     assert report.alignment is None  # the released alignment does not fit the tiny model
     pred = backbone.predict(torch.rand(3, 3, 98, backbone.target_size))
     fx = pred.intrinsics[:, 0, 0]
@@ -328,7 +345,20 @@ def test_command_runs_without_nerfstudio(tmp_path, images):
         """
     )
     out = tmp_path / "out"
-    proc = run([sys.executable, "-c", script, "--data", str(images), "--output-dir", str(out), *FEED_FORWARD, "--depth-format", "npy"])
+    proc = run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "--data",
+            str(images),
+            "--output-dir",
+            str(out),
+            *FEED_FORWARD,
+            "--depth-format",
+            "npy",
+        ]
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "NERFSTUDIO ['nerfstudio']" in proc.stdout
     assert len(list((out / "depth").glob("*.npy"))) == 8
@@ -337,7 +367,9 @@ def test_command_runs_without_nerfstudio(tmp_path, images):
 def test_extreme_poses_with_pi3(images):
     """--model pi3: reference-free model, focal lengths recovered from its point maps, same dataset format."""
     out = images.parent / "dataset_pi3"
-    proc = ns_process_data("extreme-poses", "--data", str(images), "--output-dir", str(out), "--model", "pi3", *FEED_FORWARD)
+    proc = ns_process_data(
+        "extreme-poses", "--data", str(images), "--output-dir", str(out), "--model", "pi3", *FEED_FORWARD
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     transforms = json.loads((out / "transforms.json").read_text())
     n = len(list(images.glob("*.jpg")))

@@ -15,12 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from ns_extreme.io.colmap_model import read_colmap_model
-from ns_extreme.io.dataset import write_dataset
-from ns_extreme.io.ply import read_ply
-from ns_extreme.posing import PosingOptions, pose_images
-from ns_extreme.posing.refine import RefineOptions
 from posing_helpers import (
     GroundTruthBackbone,
     Reference,
@@ -30,6 +24,12 @@ from posing_helpers import (
     pose_errors,
     rotation_angle_deg,
 )
+
+from ns_extreme.io.colmap_model import read_colmap_model
+from ns_extreme.io.dataset import write_dataset
+from ns_extreme.io.ply import read_ply
+from ns_extreme.posing import PosingOptions, pose_images
+from ns_extreme.posing.refine import RefineOptions
 
 FOUNTAIN = "strecha_fountain-P11"
 HERZ_JESUS = "strecha_Herz-Jesus-P8"
@@ -90,7 +90,10 @@ def test_zero_noise_moves_nothing_beyond_the_reference_accuracy(dev_small: Path)
     ground truth; the same BA from scratch agrees with it to a few hundredths of a degree)."""
     ref = load_reference(dev_small / HERZ_JESUS)
     recon = _pose(ref, ref)
-    moved = [rotation_angle_deg(recon.w2c_opencv[i, :3, :3], recon.input_w2c_opencv[i, :3, :3]) for i in range(len(ref.paths))]
+    moved = [
+        rotation_angle_deg(recon.w2c_opencv[i, :3, :3], recon.input_w2c_opencv[i, :3, :3])
+        for i in range(len(ref.paths))
+    ]
     rel = _relative_errors(recon.w2c_opencv, ref)
     assert np.median(rel) < 0.05 and rel.max() < 0.1, rel
     assert max(moved) < 0.25  # the Sim(3) gauge onto the input frame adds a common rotation of this size at most
@@ -131,7 +134,9 @@ def test_partial_overlap_refines_linked_views_and_keeps_the_rest_bit_for_bit(dev
 def _known_model(tmp_path: Path, ref: Reference, views: list[int], w2c: np.ndarray) -> Path:
     from ns_extreme.io.colmap_model import write_colmap_model
 
-    return write_colmap_model(tmp_path / "known", [ref.names[i] for i in views], w2c[views], ref.K[views], ref.sizes_wh[views])
+    return write_colmap_model(
+        tmp_path / "known", [ref.names[i] for i in views], w2c[views], ref.K[views], ref.sizes_wh[views]
+    )
 
 
 def test_known_poses_fixed_stay_bit_identical_and_anchor_the_others(dev_small: Path, tmp_path: Path) -> None:
@@ -160,7 +165,10 @@ def test_known_poses_prior_are_refined_in_the_given_world(dev_small: Path, tmp_p
     known = [0, 3, 6, 9]
     priors = noisy_reference(ref, seed=5, rotation_deg=(1.0, 2.0), position=(0.01, 0.02), focal=(0.0, 0.0))
     recon = _pose(
-        ref, noisy_reference(ref, seed=11), poses_from=_known_model(tmp_path, ref, known, priors.w2c), known_poses="prior"
+        ref,
+        noisy_reference(ref, seed=11),
+        poses_from=_known_model(tmp_path, ref, known, priors.w2c),
+        known_poses="prior",
     )
     for i in known:
         assert not np.array_equal(recon.w2c_opencv[i], priors.w2c[i])
@@ -179,7 +187,8 @@ def test_unrelated_photo_keeps_its_given_pose(dev_small: Path, tmp_path: Path) -
     other = load_reference(dev_small / SACRE)
     paths = ref.paths[:4] + other.paths[:1]
     sub = Reference(ref.scene_dir, ref.names[:4] + other.names[:1], paths, np.concatenate([ref.w2c[:4], ref.w2c[4:5]]),
-                    np.concatenate([ref.K[:4], other.K[:1]]), np.concatenate([ref.sizes_wh[:4], other.sizes_wh[:1]]))  # fmt: skip
+                    np.concatenate([ref.K[:4], other.K[:1]]),
+                    np.concatenate([ref.sizes_wh[:4], other.sizes_wh[:1]]))  # fmt: skip
     given = _known_model(tmp_path, sub, [0, 4], sub.w2c)
     recon = _pose(sub, noisy_reference(sub, seed=2), paths=paths, poses_from=given)
     assert np.array_equal(recon.w2c_opencv[4], read_colmap_model(given).w2c_opencv[1])

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from conftest import read_key_list
 
 from ns_extreme.models.vggt import VGGT, VGGTConfig
-
-from conftest import read_key_list
 
 
 def test_state_dict_equals_official_vggt_1b_keys(state_dict_keys):

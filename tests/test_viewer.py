@@ -90,7 +90,9 @@ class HeadlessChromium:
         page = next(t for t in targets if t.get("type") == "page")
         self.ws = websockets.sync.client.connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=30)
         self._id = 0
-        self.call("Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+        self.call(
+            "Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False
+        )
 
     def call(self, method: str, timeout: float = 60.0, **params):
         self._id += 1
@@ -320,7 +322,9 @@ def dataset(tmp_path_factory, dev_small, one_thread) -> Path:
     model = load_model("vggt", weights="random", alignment="pretrained", config=VGGTConfig.tiny(), seed=0)
     biases = bias_state_dict(model, get_spec("vggt").paper_bias_set.select(model))
     g = torch.Generator().manual_seed(0)
-    write_bias_checkpoint(root / "biases.pth", {n: t + 2.0 * torch.randn(t.shape, generator=g) for n, t in biases.items()})
+    write_bias_checkpoint(
+        root / "biases.pth", {n: t + 2.0 * torch.randn(t.shape, generator=g) for n, t in biases.items()}
+    )
     out = root / "castle"
     rc = run_cli(
         ExtremePoses,
@@ -389,7 +393,9 @@ def test_scene_loader_agrees_with_the_dataset_readers(dataset):
     prov = json.loads((dataset / "extreme_poses.json").read_text())
     by_file = {v["file"]: v for v in prov["views"]}
     for i, name in enumerate(data.names):
-        np.testing.assert_allclose(data.poses["aligned"][i], np.asarray(by_file[name]["w2c_opencv"])[:3], rtol=1e-5, atol=1e-5)  # float32 in transforms.json
+        np.testing.assert_allclose(
+            data.poses["aligned"][i], np.asarray(by_file[name]["w2c_opencv"])[:3], rtol=1e-5, atol=1e-5
+        )  # float32 in transforms.json
         np.testing.assert_allclose(data.poses["pretrained"][i], np.asarray(by_file[name]["pretrained_w2c_opencv"])[:3])
         assert data.confidence[i] == pytest.approx(by_file[name]["confidence"])
     assert len(data.pairs) == len(prov["pairs"]) == N_PAIRS
@@ -400,7 +406,9 @@ def test_scene_loader_agrees_with_the_dataset_readers(dataset):
     np.testing.assert_array_equal(data.points_rgb, rgb)
     # Per-point confidence as ns-process-data writes it: float32, one per point, the points' stored mean.
     _, _, extra = read_ply(dataset / "sparse_pc.ply")
-    assert extra["confidence"].dtype == np.float32 and data.points_conf is not None and len(data.points_conf) == len(xyz)
+    assert (
+        extra["confidence"].dtype == np.float32 and data.points_conf is not None and len(data.points_conf) == len(xyz)
+    )
     np.testing.assert_array_equal(data.points_conf.astype(np.float32), extra["confidence"])
     assert data.points_conf.mean() == pytest.approx(prov["points"]["mean_confidence"], rel=1e-5)
     assert np.isfinite(data.points_conf).all() and np.ptp(data.points_conf) > 0
@@ -491,7 +499,9 @@ def test_panel_elements_nodes_and_interactions(dataset):
         assert viewer.host == "127.0.0.1"
         # Scene nodes: one frustum per view plus the point cloud, all under /extreme3d.
         nodes = _node_names(server)
-        assert [n for n in nodes if n.startswith("/extreme3d/cameras/")] == [f"/extreme3d/cameras/{i:04d}" for i in range(N_VIEWS)]
+        assert [n for n in nodes if n.startswith("/extreme3d/cameras/")] == [
+            f"/extreme3d/cameras/{i:04d}" for i in range(N_VIEWS)
+        ]
         assert "/extreme3d/points" in nodes
         state = panel.state()
         assert state["frusta"] == N_VIEWS and state["pairs"] == N_PAIRS and state["table_rows"] == N_PAIRS
@@ -500,7 +510,17 @@ def test_panel_elements_nodes_and_interactions(dataset):
         folders = [c for c in server.gui._container_handle_from_id.values() if type(c).__name__ == "GuiFolderHandle"]
         assert len(folders) == 4  # Extreme poses, Points, Selected view, Pairs
         labels = _gui_labels(server)
-        for label in ("Poses", "Frustum size", "View all cameras", "Conf. percentile", "Point size", "View", "Overlap", "Sort by", "Pair"):
+        for label in (
+            "Poses",
+            "Frustum size",
+            "View all cameras",
+            "Conf. percentile",
+            "Point size",
+            "View",
+            "Overlap",
+            "Sort by",
+            "Pair",
+        ):
             assert label in labels, label
         assert labels["Poses"].options == tuple(panel.pose_labels[s] for s in pose_sets_in(dataset))
         assert labels["Poses"].options[-1] == "pretrained" and not labels["Poses"].disabled
@@ -525,12 +545,19 @@ def test_panel_elements_nodes_and_interactions(dataset):
         panel.frusta.handles[4]._impl.click_cb[0](None)
         assert panel.selected_view == 4 and "/extreme3d/selected" in _node_names(server)
         info = panel.view_info.content
-        assert "data:image/jpeg;base64," in info and panel.data.names[4] in info and "confidence" in info and "fx, fy" in info
+        assert (
+            "data:image/jpeg;base64," in info
+            and panel.data.names[4] in info
+            and "confidence" in info
+            and "fx, fy" in info
+        )
         if "input" in pose_sets_in(dataset):  # the pipeline's refinement stage ran: the view's record is shown
             assert "| refinement |" in info and "| inliers / tracks |" in info
         assert labels["View"].value == panel.data.label(4)
         labels["View"].value = NO_SELECTION
-        assert _wait(lambda: panel.selected_view is None, lock=panel._lock) and "/extreme3d/selected" not in _node_names(server)
+        assert _wait(
+            lambda: panel.selected_view is None, lock=panel._lock
+        ) and "/extreme3d/selected" not in _node_names(server)
 
         # Pair table: filter and sort.
         counts = {c: sum(p.overlap == c for p in panel.data.pairs) for c in ("large", "small", "none")}
@@ -539,6 +566,7 @@ def test_panel_elements_nodes_and_interactions(dataset):
         assert panel.pairs_table.content.count("| none |") == min(counts["none"], 40)
         labels["Overlap"].value = "all"
         labels["Sort by"].value = "largest model disagreement"
+
         def resorted() -> bool:
             return panel.sort_dropdown.value == "largest model disagreement" and len(panel.table_rows) == N_PAIRS
 
@@ -590,7 +618,7 @@ def test_confidence_percentile_slider(dataset):
         shown = {0: total}
         for p in (50, 90, 99):  # through the GUI input, as a browser would
             panel.percentile_slider.value = p
-            assert _wait(lambda: panel.points.percentile == p, lock=panel._lock)
+            assert _wait(lambda p=p: panel.points.percentile == p, lock=panel._lock)
             shown[p] = _displayed_points(server)
             assert shown[p] == panel.points.visible
             expected = f"showing {shown[p]:,} of {total:,} points (confidence ≥ {p}th percentile)"
@@ -923,7 +951,7 @@ def test_points_filter_shows_exactly_the_sfm_points(refined_dataset):
         assert shown("/extreme3d/points_sfm") is None and len(shown("/extreme3d/points")[0]) == 20
 
 
-# ------------------------------------------------------------------------------------------ nerfstudio hook (no browser)
+# ----------------------------------------------------------------------------------------- nerfstudio hook (no browser)
 
 
 def test_dataparser_is_a_viewer_control_and_draws_in_the_training_frame(dataset):
@@ -1016,12 +1044,18 @@ def test_standalone_viewer_in_chromium(dataset, browser, empty_screenshot):
             assert snippet in text, snippet
         assert 0 < panel.points.visible < total
         # Server side, while the browser was connected.
-        assert panel.state()["frusta"] == N_VIEWS and len([n for n in _node_names(viewer.server) if n.startswith("/extreme3d/")]) == N_VIEWS + 3
+        assert (
+            panel.state()["frusta"] == N_VIEWS
+            and len([n for n in _node_names(viewer.server) if n.startswith("/extreme3d/")]) == N_VIEWS + 3
+        )
         # The screenshot shows the scene, not a blank page.
         assert stats["frustum_colour_pixels"] >= 150, stats
         assert stats["distinct_colours"] >= 20 and stats["changed_pixels_vs_empty"] >= 1000, stats
         assert stats["saturated_pixels"] >= 1000, stats
-        assert colour_pixels(canvas(empty_screenshot), colours) < 20 and scene_stats(empty_screenshot, colours, None)["saturated_pixels"] < 50
+        assert (
+            colour_pixels(canvas(empty_screenshot), colours) < 20
+            and scene_stats(empty_screenshot, colours, None)["saturated_pixels"] < 50
+        )
     finally:
         viewer.stop()
 
@@ -1055,7 +1089,12 @@ def test_ns_extreme_view_command(dataset, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
     exe = str(BIN / "ns-extreme-view")
     bad = subprocess.run([exe, str(tmp_path / "missing")], capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "error:" in bad.stderr and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "error:" in bad.stderr
+        and "does not exist" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
     port = free_port()
     t0 = time.perf_counter()
     proc = subprocess.Popen([exe, str(dataset), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -1092,7 +1131,9 @@ def eval_report(tmp_path_factory, dev_small) -> Path:
 
     def rot_y(deg: float) -> torch.Tensor:
         a = math.radians(deg)
-        return torch.tensor([[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=torch.float64)
+        return torch.tensor(
+            [[math.cos(a), 0, math.sin(a)], [0, 1, 0], [-math.sin(a), 0, math.cos(a)]], dtype=torch.float64
+        )
 
     offsets = {"aligned": 5.0, "pretrained": 30.0}
 
@@ -1104,7 +1145,15 @@ def eval_report(tmp_path_factory, dev_small) -> Path:
 
         return predict
 
-    cfg = EvalConfig(pairs=root / "pairs.json", output_dir=root / "ev", image_size=56, device="cpu", dtype="fp32", progress=False, plots=False)
+    cfg = EvalConfig(
+        pairs=root / "pairs.json",
+        output_dir=root / "ev",
+        image_size=56,
+        device="cpu",
+        dtype="fp32",
+        progress=False,
+        plots=False,
+    )
     result = evaluate(cfg, predictors={k: predictor(v) for k, v in offsets.items()})
     return result.report_path
 
@@ -1120,7 +1169,9 @@ def test_pairs_browser_state(eval_report):
         n = len(report["pairs"])
         assert s["pairs"] == s["listed"] == n and s["models"] == ["aligned", "pretrained"]
         assert s["frusta"] == ["cam1", "gt2", "pred2/aligned", "pred2/pretrained"]
-        assert {"/pairs/camera1", "/pairs/camera2_gt", "/pairs/camera2_pred/0", "/pairs/camera2_pred/1"} <= set(_node_names(server))
+        assert {"/pairs/camera1", "/pairs/camera2_gt", "/pairs/camera2_pred/0", "/pairs/camera2_pred/1"} <= set(
+            _node_names(server)
+        )
         info = b.gui["info"].content
         assert info.count("data:image/jpeg;base64,") == 2 and "error **5.0°**" in info and "error **30.0°**" in info
         assert "check: 5.0°" in info  # drawn predicted rotation is consistent with the reported error
@@ -1156,7 +1207,9 @@ def test_pairs_browser_in_chromium(eval_report, browser, empty_screenshot):
     try:
         b = viewer.browser
         b.select(max(range(len(b.pairs)), key=lambda k: b.pairs[k]["gt_angle_deg"]))  # a wide-baseline pair
-        img, stats = capture_scene(browser, viewer.url, ARTIFACTS / "pairs_browser.png", [GT_COLOR, *MODEL_COLORS[:2]], empty_screenshot)
+        img, stats = capture_scene(
+            browser, viewer.url, ARTIFACTS / "pairs_browser.png", [GT_COLOR, *MODEL_COLORS[:2]], empty_screenshot
+        )
         print("pairs browser:", json.dumps(stats))
         text = browser.text()
         for snippet in ("Evaluated pairs", "Next pair", "Previous pair", "GT angle", "MRE°", "error"):
@@ -1239,7 +1292,9 @@ NS_VIEWER_SCRIPT = textwrap.dedent(
             "node_kinds": sorted({f"{n.split('/')[1]}:{k}" for n, k in nodes.items()}),
             "stock_cameras": len(stock),
             "n_train": len(trainer.pipeline.datamanager.train_dataset),
-            "stock_gui": sorted(h._impl.label for h in server.gui._gui_input_handle_from_id.values() if hasattr(h._impl, "label")),
+            "stock_gui": sorted(
+                h._impl.label for h in server.gui._gui_input_handle_from_id.values() if hasattr(h._impl, "label")
+            ),
         }
         if panel is not None:
             names = [p.name for p in trainer.pipeline.datamanager.train_dataparser_outputs.image_filenames]
@@ -1294,33 +1349,50 @@ def test_nerfstudio_viewer_with_nerfacto_and_splatfacto(dataset, browser, empty_
          "extreme3d", "--data", str(dataset)],
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "200"}
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(runs)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, cwd=tmp_path, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(runs)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+                            start_new_session=True)  # fmt: skip
     try:
         _, lines = wait_for_line(proc, "READY", timeout=600)
         states = [json.loads(entry[len("STATE ") :]) for entry in lines if entry.startswith("STATE ")]
-        print("nerfstudio:", json.dumps([{k: s[k] for k in ("method", "setup_s", "since_start_s", "max_pos_diff")} for s in states]))
+        print(
+            "nerfstudio:",
+            json.dumps([{k: s[k] for k in ("method", "setup_s", "since_start_s", "max_pos_diff")} for s in states]),
+        )
         assert [s["method"] for s in states] == ["nerfacto", "splatfacto"]
         for s in states:
             assert s["controls"] == ["Extreme3DDataParser"]
             assert s["panel"]["frusta"] == N_VIEWS and s["panel"]["pairs"] == N_PAIRS
             assert s["panel"]["pose_sets"] == pose_sets_in(dataset) and s["percentile_enabled"]
-            assert [n for n in s["extreme_nodes"] if n.startswith("/extreme3d/cameras/")] == [f"/extreme3d/cameras/{i:04d}" for i in range(N_VIEWS)]
+            assert [n for n in s["extreme_nodes"] if n.startswith("/extreme3d/cameras/")] == [
+                f"/extreme3d/cameras/{i:04d}" for i in range(N_VIEWS)
+            ]
             assert "/extreme3d/points" in s["extreme_nodes"]
             # Stock viewer untouched: its training cameras and its own controls are all there.
             assert s["stock_cameras"] == s["n_train"] == N_VIEWS
             assert {"Max res", "Output type", "Train Util", "Poses", "Conf. percentile"} <= set(s["stock_gui"])
             assert s["max_pos_diff"] < 1e-3 and s["max_rot_diff"] < 1e-6
-        colours = [tuple(int(v) for v in c) for c in confidence_colors(load_scene(dataset).confidence)] + [SELECTED_COLOR]
-        img, stats = capture_scene(browser, f"http://127.0.0.1:{ports[0]}", ARTIFACTS / "nerfstudio_viewer.png", colours,
-                                   None, top=60, min_pixels=100, scroll_to="Extreme poses")  # fmt: skip
+        colours = [tuple(int(v) for v in c) for c in confidence_colors(load_scene(dataset).confidence)] + [
+            SELECTED_COLOR
+        ]
+        img, stats = capture_scene(browser, f"http://127.0.0.1:{ports[0]}", ARTIFACTS / "nerfstudio_viewer.png",
+                                   colours, None, top=60, min_pixels=100, scroll_to="Extreme poses")  # fmt: skip
         print("nerfstudio viewer screenshot:", json.dumps(stats))
         # nerfstudio composites its (untrained) render with depth over the scene: frustum lines come out dotted,
         # more or less depending on when the render lands (35-405 frustum pixels measured).
         assert stats["saturated_pixels"] >= 1000 and stats["distinct_colours"] >= 20, stats
         assert colour_pixels(canvas(img, 60), colours, tol=40) >= 15, stats
         text = browser.text()
-        for snippet in ("Pause Training", "Control", "Render", "Export", "Extreme poses", "9 views", "Poses", "Selected view"):
+        for snippet in (
+            "Pause Training",
+            "Control",
+            "Render",
+            "Export",
+            "Extreme poses",
+            "9 views",
+            "Poses",
+            "Selected view",
+        ):
             assert snippet in text, snippet
         assert stats["scrolled"]
     finally:

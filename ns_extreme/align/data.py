@@ -72,7 +72,9 @@ def load_pair_list(path: str | os.PathLike[str]) -> PairList:
     return pairs
 
 
-def resolve_images_root(pairs: PairList, pair_file: str | os.PathLike[str] | None, override: str | os.PathLike[str] | None) -> Path:
+def resolve_images_root(
+    pairs: PairList, pair_file: str | os.PathLike[str] | None, override: str | os.PathLike[str] | None
+) -> Path:
     """The folder image paths are relative to: ``override`` if given, else the list's ``root``.
 
     A relative ``root`` is looked up next to the pair-list file first, then from the working directory.
@@ -84,7 +86,8 @@ def resolve_images_root(pairs: PairList, pair_file: str | os.PathLike[str] | Non
         return root
     if not pairs.root:
         raise PairFileError(
-            "the pair list has no image root (e.g. imported from a paper .npy); pass --images-root <MegaUnScene folder>",
+            "the pair list has no image root (e.g. imported from a paper .npy); "
+            "pass --images-root <MegaUnScene folder>",
             file=pair_file,
         )
     root = Path(pairs.root).expanduser()
@@ -92,7 +95,8 @@ def resolve_images_root(pairs: PairList, pair_file: str | os.PathLike[str] | Non
         return Path(pair_file).parent / root
     if not root.is_dir():
         raise FileNotFoundError(
-            f"image root {root} of pair list {pair_file} is not a folder; pass --images-root to say where the images are"
+            f"image root {root} of pair list {pair_file} is not a folder; pass "
+            "--images-root to say where the images are"
         )
     return root
 
@@ -155,10 +159,7 @@ class PairDataset(Dataset):
         self.seed = seed
         self.cache = cache
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._R_gt = [
-            torch.from_numpy(np.stack([r.view1.rotation(), r.view2.rotation()]))
-            for r in pairs.records
-        ]
+        self._R_gt = [torch.from_numpy(np.stack([r.view1.rotation(), r.view2.rotation()])) for r in pairs.records]
         if check_files:
             self.check_files()
 
@@ -190,7 +191,8 @@ class PairDataset(Dataset):
                         missing.append(p)
         if missing:
             raise FileNotFoundError(
-                f"{len(missing)} of {len(seen)} images of the pair list are missing under {self.root}, e.g. {missing[0]} "
+                f"{len(missing)} of {len(seen)} images of the pair list are missing under "
+                f"{self.root}, e.g. {missing[0]} "
                 "(wrong --images-root?)"
             )
 
@@ -199,7 +201,9 @@ class PairDataset(Dataset):
         ``[2, 1, H, W]`` of their real (not padding) pixels."""
         if self.cache and index in self._cache:
             return self._cache[index]
-        batch = preprocess_images(list(self.image_paths(index)), mode="crop", target_size=self.image_size, patch_size=self.patch_size)
+        batch = preprocess_images(
+            list(self.image_paths(index)), mode="crop", target_size=self.image_size, patch_size=self.patch_size
+        )
         valid = torch.from_numpy(np.stack([r.valid_mask_preprocessed() for r in batch.records]))[:, None]
         out = (batch.images, valid)
         if self.cache:
@@ -252,7 +256,14 @@ class EpochBatchSampler:
     def __init__(self, n: int, batch_size: int, epoch: int, seed: int, shuffle: bool = True, start: int = 0) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.n, self.batch_size, self.epoch, self.seed, self.shuffle, self.start = n, batch_size, epoch, seed, shuffle, start
+        self.n, self.batch_size, self.epoch, self.seed, self.shuffle, self.start = (
+            n,
+            batch_size,
+            epoch,
+            seed,
+            shuffle,
+            start,
+        )
 
     @staticmethod
     def batches_per_epoch(n: int, batch_size: int) -> int:

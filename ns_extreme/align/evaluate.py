@@ -171,15 +171,21 @@ class EvalResult:
 
 
 def model_predictor(
-    model: torch.nn.Module, device: torch.device, autocast_dtype: Optional[torch.dtype], w2c_rotations: W2cRotationReader
+    model: torch.nn.Module,
+    device: torch.device,
+    autocast_dtype: Optional[torch.dtype],
+    w2c_rotations: W2cRotationReader,
 ) -> Predictor:
     """Predictor running the camera path of a model on each pair (no_grad, optional autocast); ``w2c_rotations``
     is the model's ``ModelSpec.w2c_rotations`` (its last camera estimate is evaluated)."""
 
     def predict(batch: Mapping[str, Any]) -> torch.Tensor:
         images = batch["images"].to(device)
-        with torch.no_grad(), torch.autocast(
-            device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ),
         ):
             out = model(images, heads=CAMERA_HEADS)
         R_w2c = w2c_rotations(out)[-1].float()
@@ -195,7 +201,12 @@ def model_predictor(
 
 
 def predict_rotations(
-    predictor: Predictor, dataset: PairDataset, batch_size: int = 1, num_workers: int = 0, progress: bool = False, desc: str = ""
+    predictor: Predictor,
+    dataset: PairDataset,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Run a predictor over a dataset in order: (predicted relative rotations [N, 3, 3], GT ones [N, 3, 3])."""
     # Pairs are batched only with pairs of the same preprocessed shape, so batching never adds padding: every
@@ -205,7 +216,9 @@ def predict_rotations(
         by_shape.setdefault(dataset.expected_shape(i), []).append(i)
     batches = [idx[b : b + batch_size] for idx in by_shape.values() for b in range(0, len(idx), batch_size)]
     batches.sort(key=lambda b: b[0])
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=num_workers
+    )
     pred_rel = np.zeros((len(dataset), 3, 3))
     gt_rel = np.zeros((len(dataset), 3, 3))
     bar = None

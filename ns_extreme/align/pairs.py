@@ -196,9 +196,7 @@ class PairView:
     tvec: tuple[float, float, float] | None = None
 
     @classmethod
-    def from_w2c(
-        cls, path: str, w2c: np.ndarray, K: np.ndarray, width: int, height: int
-    ) -> PairView:
+    def from_w2c(cls, path: str, w2c: np.ndarray, K: np.ndarray, width: int, height: int) -> PairView:
         """Build from a world-to-camera ``[3,3]``/``[3,4]``/``[4,4]`` matrix (OpenCV) and a 3×3 ``K``."""
         w2c = np.asarray(w2c, dtype=np.float64)
         K = np.asarray(K, dtype=np.float64)
@@ -385,7 +383,9 @@ class PairList:
         version = d.get("version", PAIR_FORMAT_VERSION)
         if not isinstance(version, int) or version > PAIR_FORMAT_VERSION:
             raise PairFileError(
-                f"unsupported version {version!r} (this build reads <= {PAIR_FORMAT_VERSION})", file=file, field="version"
+                f"unsupported version {version!r} (this build reads <= {PAIR_FORMAT_VERSION})",
+                file=file,
+                field="version",
             )
         if "root" not in d:
             raise PairFileError("missing field", file=file, field="root")
@@ -423,7 +423,9 @@ class PairList:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise PairFileError(f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", file=path) from None
+            raise PairFileError(
+                f"invalid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})", file=path
+            ) from None
         return cls.from_dict(data, file=path)
 
 
@@ -454,7 +456,8 @@ def views_from_colmap(
     *,
     root: str | os.PathLike[str] | None = None,
 ) -> list[PairView]:
-    """Posed views of a COLMAP model (``cameras/images.{bin,txt}``); paths relative to ``root`` (default ``images_dir``).
+    """Posed views of a COLMAP model (``cameras/images.{bin,txt}``); paths relative to ``root`` (default
+    ``images_dir``).
 
     Distortion parameters of non-pinhole camera models are ignored (only fx, fy, cx, cy are kept): the
     overlap rule needs the fields of view only. Image files are not opened.
@@ -664,9 +667,7 @@ def _unscene_view(entry: Any, prefix: str) -> PairView:
     )
 
 
-def import_unscene_pairs(
-    path: str | os.PathLike[str], allow_pickle: bool, *, root: str = ""
-) -> PairList:
+def import_unscene_pairs(path: str | os.PathLike[str], allow_pickle: bool, *, root: str = "") -> PairList:
     """Import the paper's ``UnScenePairs*.npy`` (a pickled dict index → pair) as a PairList.
 
     Refused unless ``allow_pickle``: unpickling can run arbitrary code. ``overlap`` is recomputed with our

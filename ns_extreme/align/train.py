@@ -44,7 +44,14 @@ import torch
 from torch import nn
 
 from ns_extreme.align.console import say
-from ns_extreme.align.data import AugmentConfig, EpochBatchSampler, PairDataset, collate_pairs, load_pair_list, resolve_images_root
+from ns_extreme.align.data import (
+    AugmentConfig,
+    EpochBatchSampler,
+    PairDataset,
+    collate_pairs,
+    load_pair_list,
+    resolve_images_root,
+)
 from ns_extreme.align.loss import IterationWeighting, rotation_loss
 from ns_extreme.io.atomic import atomic_write_json, check_output_location, torch_save_atomic
 from ns_extreme.models import get_spec, load_model
@@ -179,7 +186,10 @@ class TrainConfig:
             (self.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {self.checkpoint_every}"),
             (self.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0, got {self.keep_checkpoints}"),
             (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
-            (self.image_size > 0 and self.image_size % 14 == 0, f"--image-size must be a positive multiple of 14, got {self.image_size}"),
+            (
+                self.image_size > 0 and self.image_size % 14 == 0,
+                f"--image-size must be a positive multiple of 14, got {self.image_size}",
+            ),
             (len(self.bias_set) > 0, "--bias-set needs `paper` or at least one regular expression"),
         ]
         for ok, message in checks:
@@ -189,7 +199,10 @@ class TrainConfig:
         get_spec(self.model)  # unknown model -> ValueError
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+        return {
+            k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+            for k, v in dataclasses.asdict(self).items()
+        }
 
 
 @dataclass
@@ -285,14 +298,17 @@ def read_train_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     except Exception as err:
         raise ValueError(
-            f"{path}: not a readable training checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+            f"{path}: not a readable training checkpoint ({type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160] if str(err) else ''}); "
             "only plain tensors load (torch.load weights_only=True). Delete this file to resume from the previous "
             "checkpoint, or start a new --output-dir"
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an ns-extreme-align training checkpoint")
     if ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {ckpt.get('version')} is newer than this build reads ({CHECKPOINT_VERSION})")
+        raise ValueError(
+            f"{path}: checkpoint version {ckpt.get('version')} is newer than this build reads ({CHECKPOINT_VERSION})"
+        )
     return ckpt
 
 
@@ -300,7 +316,12 @@ def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": json.dumps(random.getstate()),
     }
     if torch.cuda.is_available():
@@ -311,7 +332,9 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
@@ -343,7 +366,9 @@ class _StopFlag:
             if self.signal is not None and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.signal = signum
-            log.warning("received %s: finishing the current step, then writing a checkpoint", signal.Signals(signum).name)
+            log.warning(
+                "received %s: finishing the current step, then writing a checkpoint", signal.Signals(signum).name
+            )
 
         for s in previous:
             signal.signal(s, handler)
@@ -392,11 +417,16 @@ def _write_checkpoint(
     return path
 
 
-def _check_resume_compatible(ckpt: dict[str, Any], cfg: TrainConfig, names: list[str], total_steps: int, path: Path) -> None:
+def _check_resume_compatible(
+    ckpt: dict[str, Any], cfg: TrainConfig, names: list[str], total_steps: int, path: Path
+) -> None:
     if ckpt.get("model") != cfg.model:
         raise ValueError(f"{path}: checkpoint is for model {ckpt.get('model')!r}, not {cfg.model!r}")
     if list(ckpt.get("bias_names", [])) != names:
-        raise ValueError(f"{path}: checkpoint trains a different bias set ({len(ckpt.get('bias_names', []))} tensors vs {len(names)})")
+        raise ValueError(
+            f"{path}: checkpoint trains a different bias set "
+            f"({len(ckpt.get('bias_names', []))} tensors vs {len(names)})"
+        )
     if ckpt.get("total_steps") != total_steps:
         raise ValueError(
             f"{path}: the schedule spanned {ckpt.get('total_steps')} steps, now {total_steps} "
@@ -492,7 +522,8 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
         f"training {n_params:,} parameters in {len(names)} tensors on the relative-rotation loss"
         + (" + first-camera anchor" if spec.reference_frame else " (no anchor term)")
         + f"; {len(dataset)} pairs, {per_epoch} steps/epoch, "
-        f"{cfg.epochs} epochs = {total_steps} steps" + (f" (stopping at {stop_at})" if stop_at < total_steps else "")
+        f"{cfg.epochs} epochs = {total_steps} steps"
+        + (f" (stopping at {stop_at})" if stop_at < total_steps else "")
         + (f"; resuming at step {step}" if ckpt is not None else ""),
     )
 
@@ -535,13 +566,17 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
                     if cfg.grad_clip > 0:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
                     else:
-                        grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable])))
+                        grad_norm = float(
+                            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable]))
+                        )
                     if not math.isfinite(grad_norm):
                         # e.g. π³'s SVD camera head when its 3x3 output is already orthonormal to float precision:
                         # stop before the optimizer writes NaN into the biases (and into the next checkpoint)
                         raise FloatingPointError(
-                            f"non-finite gradient at step {step} (loss {float(loss.loss.detach()):.4g}): stopped before "
-                            "updating the biases, earlier checkpoints are intact; check --weights and --init-alignment, "
+                            f"non-finite gradient at step {step} (loss "
+                            f"{float(loss.loss.detach()):.4g}): stopped before "
+                            "updating the biases, earlier checkpoints are intact; check --weights and "
+                            "--init-alignment, "
                             "lower --lr, or disable --bf16"
                         )
                     lr = optimizer.param_groups[0]["lr"]
@@ -563,16 +598,22 @@ def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
                             writer.add_scalar(f"train/{key}", record[key], step)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", err=f"{record['rel_error_deg']:.1f}°", refresh=False)
+                        bar.set_postfix(
+                            loss=f"{record['loss']:.4f}", err=f"{record['rel_error_deg']:.1f}°", refresh=False
+                        )
                     if step % cfg.checkpoint_every == 0 and step < stop_at:
-                        last_ckpt = _write_checkpoint(output_dir, step, epoch, model, names, optimizer, scheduler, cfg, total_steps)
+                        last_ckpt = _write_checkpoint(
+                            output_dir, step, epoch, model, names, optimizer, scheduler, cfg, total_steps
+                        )
                     if step >= stop_at or stop:
                         break
             found = find_checkpoints(output_dir)
             if found and found[-1][0] == step:
                 last_ckpt = found[-1][1]
             else:
-                last_ckpt = _write_checkpoint(output_dir, step, step // per_epoch, model, names, optimizer, scheduler, cfg, total_steps)
+                last_ckpt = _write_checkpoint(
+                    output_dir, step, step // per_epoch, model, names, optimizer, scheduler, cfg, total_steps
+                )
     finally:
         if bar is not None:
             bar.close()

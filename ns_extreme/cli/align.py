@@ -121,7 +121,8 @@ def _classify(path: Path, images_dir: Optional[Path]) -> _Source:
     if (path / "scenes").is_dir():
         return _Source("megaunscene", path, path, path.name)
     raise ValueError(
-        f"source {path}: not a COLMAP model, a scene folder with sparse/, a transforms.json dataset or a MegaUnScene root"
+        f"source {path}: not a COLMAP model, a scene folder with sparse/, a "
+        "transforms.json dataset or a MegaUnScene root"
     )
 
 
@@ -131,7 +132,9 @@ def _read_source(path: Path, what: str, read: Any) -> Any:
     try:
         return read()
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON in {what} ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise ValueError(
+            f"{path}: invalid JSON in {what} ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
     except (KeyError, TypeError, IndexError, AttributeError) as err:
         raise ValueError(f"{path}: malformed {what} ({type(err).__name__}: {err})") from None
     except ValueError as err:
@@ -145,7 +148,14 @@ def _read_source(path: Path, what: str, read: Any) -> Any:
 
 def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
     """Run the ``pairs`` subcommand; returns the written pair-list path."""
-    from ns_extreme.align.pairs import PairList, import_unscene_pairs, mine_pairs, scan_megaunscene, views_from_colmap, views_from_transforms
+    from ns_extreme.align.pairs import (
+        PairList,
+        import_unscene_pairs,
+        mine_pairs,
+        scan_megaunscene,
+        views_from_colmap,
+        views_from_transforms,
+    )
 
     if not cfg.sources:
         raise ValueError("--sources needs at least one source")
@@ -156,7 +166,9 @@ def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
     sources = [_classify(Path(p).expanduser(), cfg.images_dir) for p in cfg.sources]
     npy = [s for s in sources if s.kind == "npy"]
     if npy and len(sources) > len(npy) and cfg.root is None:
-        raise ValueError("mixing .npy pair files with other sources needs --root (the folder all image paths are relative to)")
+        raise ValueError(
+            "mixing .npy pair files with other sources needs --root (the folder all image paths are relative to)"
+        )
     if cfg.root is not None:
         root = Path(cfg.root).expanduser().absolute()
     elif npy:
@@ -190,18 +202,28 @@ def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
         elif s.kind == "colmap":
             assert s.images_dir is not None
             if not s.images_dir.is_dir():
-                raise FileNotFoundError(f"images folder of COLMAP model {s.path} not found: {s.images_dir} (pass --images-dir)")
-            scenes = [(s.scene, _read_source(s.path, "COLMAP model", lambda: views_from_colmap(s.path, s.images_dir)))]
+                raise FileNotFoundError(
+                    f"images folder of COLMAP model {s.path} not found: {s.images_dir} (pass --images-dir)"
+                )
+            scenes = [
+                (s.scene, _read_source(s.path, "COLMAP model", lambda s=s: views_from_colmap(s.path, s.images_dir)))
+            ]
             base = s.images_dir
         else:
-            scenes = [(s.scene, _read_source(s.path, "transforms.json", lambda: views_from_transforms(s.path)))]
+            scenes = [(s.scene, _read_source(s.path, "transforms.json", lambda s=s: views_from_transforms(s.path)))]
             base = s.path.parent
         rearm_interrupt_signals()  # reading COLMAP models imports pycolmap, whose glog takes over SIGTERM
         for scene, views in scenes:
             views = rebase(views, base)
             mined = mine_pairs(
-                views, scene, strategy=cfg.strategy, k=cfg.k, max_pairs=cfg.max_pairs_per_scene, balance=cfg.balance,
-                seed=cfg.seed, mutual=cfg.mutual,
+                views,
+                scene,
+                strategy=cfg.strategy,
+                k=cfg.k,
+                max_pairs=cfg.max_pairs_per_scene,
+                balance=cfg.balance,
+                seed=cfg.seed,
+                mutual=cfg.mutual,
             )
             records += mined
             counts = {c: sum(r.overlap == c for r in mined) for c in ("large", "small", "none")}
@@ -213,7 +235,12 @@ def build_pairs(cfg: PairsConfig, console: Any = None) -> Path:
     if console is not None:
         for line in lines:
             console.print(line, highlight=False, markup=False)
-        console.print(f"wrote {len(pair_list)} pairs {pair_list.counts()} to {out}" + ("" if root is not None else " (no root: pass --images-root to train/eval)"), highlight=False, markup=False)
+        console.print(
+            f"wrote {len(pair_list)} pairs {pair_list.counts()} to {out}"
+            + ("" if root is not None else " (no root: pass --images-root to train/eval)"),
+            highlight=False,
+            markup=False,
+        )
     return out
 
 

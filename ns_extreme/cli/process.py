@@ -45,13 +45,17 @@ class PoseModelOptions:
     """Which backbone to run and where (shared by ``extreme-poses`` and the ``extreme3d`` dataparser)."""
 
     model: Literal["vggt", "pi3"] = "vggt"
-    """Backbone: vggt (VGGT-1B, predicts intrinsics) or pi3 (reference-free; focal lengths recovered from its point maps)."""
+    """Backbone: vggt (VGGT-1B, predicts intrinsics) or pi3 (reference-free; focal lengths recovered
+    from its point maps)."""
     weights: Optional[str] = None
-    """Base weights: a Hugging Face id, a local .safetensors/.pt/.pth file or folder, or 'random' (default: the model's official weights: facebook/VGGT-1B for vggt, yyfz233/Pi3 for pi3)."""
+    """Base weights: a Hugging Face id, a local .safetensors/.pt/.pth file or folder, or 'random' (default: the model's
+    official weights: facebook/VGGT-1B for vggt, yyfz233/Pi3 for pi3)."""
     alignment: str = "aligned"
-    """aligned: the paper's bias checkpoint for this model; pretrained: unmodified weights; or a path to a bias checkpoint (from ns-extreme-align)."""
+    """aligned: the paper's bias checkpoint for this model; pretrained: unmodified weights; or a path to a bias
+    checkpoint (from ns-extreme-align)."""
     model_size: Literal["full", "tiny"] = "full"
-    """Model size. 'tiny' is a few-MB wiring-test model for the test-suite only (use with --weights random); its poses mean nothing."""
+    """Model size. 'tiny' is a few-MB wiring-test model for the test-suite only (use with --weights random);
+    its poses mean nothing."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to run the model (auto: cuda, then mps, then cpu)."""
     dtype: Literal["auto", "fp32", "bf16-weights", "bf16", "fp16"] = "auto"
@@ -61,8 +65,21 @@ class PoseModelOptions:
 
 
 _UNSUPPORTED = {
-    (".heic", ".heif", ".avif"): "HEIC/HEIF/AVIF photos are not read: convert them to JPEG first (e.g. `heif-convert`, or export as JPEG)",
-    (".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"): "camera RAW files are not read: export them as JPEG/PNG/TIFF first",
+    (
+        ".heic",
+        ".heif",
+        ".avif",
+    ): "HEIC/HEIF/AVIF photos are not read: convert them to JPEG first (e.g. `heif-convert`, or export as JPEG)",
+    (
+        ".dng",
+        ".cr2",
+        ".cr3",
+        ".nef",
+        ".arw",
+        ".orf",
+        ".rw2",
+        ".raf",
+    ): "camera RAW files are not read: export them as JPEG/PNG/TIFF first",
     (".mp4", ".mov", ".avi", ".mkv", ".webm"): "videos in a folder are not read: pass one video file itself as --data",
 }
 
@@ -90,7 +107,6 @@ def refinement_summary(recon: Any) -> str:
 
 def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print):
     """Load the model(s) named by ``opts``; returns (backbone, compare_backbone or None, load report)."""
-    import torch
 
     from ns_extreme.models import get_spec, load_model
     from ns_extreme.posing.backbone import BACKBONES
@@ -113,8 +129,14 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
 
     def build(align: Optional[str]):
         return load_model(
-            opts.model, weights, align, device, precision.params, model_config,
-            storage_dtype=precision.weights, heads=adapter.heads,
+            opts.model,
+            weights,
+            align,
+            device,
+            precision.params,
+            model_config,
+            storage_dtype=precision.weights,
+            heads=adapter.heads,
         )
 
     model = build(alignment)
@@ -206,7 +228,10 @@ class ExtremePoses:
         hint = _unsupported_hint(listing.skipped)
         if listing.skipped:
             names = ", ".join(self._skipped[:5]) + (" ..." if len(self._skipped) > 5 else "")
-            console.print(f"[yellow]warning:[/yellow] skipping {len(listing.skipped)} non-image file(s): {escape(names)}{escape(hint)}")
+            console.print(
+                f"[yellow]warning:[/yellow] skipping {len(listing.skipped)} non-image "
+                f"file(s): {escape(names)}{escape(hint)}"
+            )
         if len(listing.images) < 2:
             raise ValueError(
                 f"--data {data}: found {len(listing.images)} image(s); posing needs at least 2 "
@@ -223,7 +248,8 @@ class ExtremePoses:
         if len(screen.usable) < 2:
             shown = "; ".join(s.describe() for s in screen.skipped[:5]) + ("; ..." if len(screen.skipped) > 5 else "")
             raise ValueError(
-                f"--data {data}: only {len(screen.usable)} of {len(listing.images)} images can be used, posing needs at "
+                f"--data {data}: only {len(screen.usable)} of {len(listing.images)} images "
+                "can be used, posing needs at "
                 f"least 2 (skipped: {shown}); replace or remove the unreadable files, or add more photos"
             )
         return list(screen.usable)
@@ -262,7 +288,9 @@ class ExtremePoses:
         from rich.markup import escape
         from rich.table import Table
 
-        logging.basicConfig(level=logging.INFO if self.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=logging.INFO if self.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
         console = self._console()
         t0 = time.perf_counter()
         images = self._check_paths()  # before the slow imports: a mistyped path is reported at once
@@ -311,7 +339,9 @@ class ExtremePoses:
         }
         with console.status("writing dataset ..."):
             t = time.perf_counter()
-            out = write_dataset(recon, self.output_dir, overwrite=self.overwrite, depth_format=self.depth_format, extra_provenance=extra)
+            out = write_dataset(
+                recon, self.output_dir, overwrite=self.overwrite, depth_format=self.depth_format, extra_provenance=extra
+            )
             write_s = time.perf_counter() - t
 
         total = time.perf_counter() - t0
@@ -319,7 +349,10 @@ class ExtremePoses:
         table.add_column("", style="bold")
         table.add_column("")
         table.add_row("views posed", f"{recon.num_views}")
-        table.add_row("mean view confidence", f"{float(recon.view_confidence.mean()):.3f} (min {float(recon.view_confidence.min()):.3f})")
+        table.add_row(
+            "mean view confidence",
+            f"{float(recon.view_confidence.mean()):.3f} (min {float(recon.view_confidence.min()):.3f})",
+        )
         table.add_row("points kept", f"{len(recon.points_xyz):,}")
         sources = {s: recon.intrinsics_source.count(s) for s in sorted(set(recon.intrinsics_source))}
         table.add_row("intrinsics", ", ".join(f"{k}: {v}" for k, v in sources.items()))
@@ -329,7 +362,11 @@ class ExtremePoses:
             overlaps[p.overlap] = overlaps.get(p.overlap, 0) + 1
         if overlaps:
             table.add_row("pair overlap (estimated)", ", ".join(f"{k}: {v}" for k, v in sorted(overlaps.items())))
-        table.add_row("time", f"{total:.1f} s (model load {load_s:.1f} s, inference {recon.timings.get('inference_s', 0.0):.1f} s, write {write_s:.1f} s)")
+        table.add_row(
+            "time",
+            f"{total:.1f} s (model load {load_s:.1f} s, inference "
+            f"{recon.timings.get('inference_s', 0.0):.1f} s, write {write_s:.1f} s)",
+        )
         memory = f"{peak_memory_mb():,.0f} MB (process RSS)"
         import torch
 

@@ -67,7 +67,10 @@ class View:
                 print(f"port {self.port} is taken; using {viewer.port}")
             if viewer.panel is not None:
                 s = viewer.panel.state()
-                what = f"{s['frusta']} cameras, {s['points_total']:,} points, {s['pairs']:,} pairs, pose sets: {', '.join(s['pose_sets'])}"
+                what = (
+                    f"{s['frusta']} cameras, {s['points_total']:,} points, {s['pairs']:,} pairs, "
+                    f"pose sets: {', '.join(s['pose_sets'])}"
+                )
             else:
                 what = f"{len(viewer.browser.pairs):,} evaluated pairs"
             print(f"{what}; ready in {time.perf_counter() - t0:.1f} s")

@@ -11,7 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def intrinsics_matrix(fx: float | np.ndarray, fy: float | np.ndarray, cx: float | np.ndarray, cy: float | np.ndarray) -> np.ndarray:
+def intrinsics_matrix(
+    fx: float | np.ndarray, fy: float | np.ndarray, cx: float | np.ndarray, cy: float | np.ndarray
+) -> np.ndarray:
     """K [..., 3, 3] = [[fx, 0, cx], [0, fy, cy], [0, 0, 1]]; inputs broadcast."""
     fx, fy, cx, cy = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (fx, fy, cx, cy)))
     K = np.zeros(fx.shape + (3, 3), dtype=np.float64)

@@ -23,9 +23,7 @@ def _as_tensor(x: torch.Tensor | object, like: torch.Tensor | None = None) -> to
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
-def pose_encoding_from_w2c_intrinsics(
-    w2c: torch.Tensor, K: torch.Tensor, image_hw: Sequence[int]
-) -> torch.Tensor:
+def pose_encoding_from_w2c_intrinsics(w2c: torch.Tensor, K: torch.Tensor, image_hw: Sequence[int]) -> torch.Tensor:
     """Encode w2c [..., 3, 4] (or [..., 4, 4]) and K [..., 3, 3] of an (H, W) image → [..., 9]."""
     w2c = _as_tensor(w2c)
     K = _as_tensor(K, like=w2c)

@@ -79,9 +79,7 @@ def _check_pair(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return src, dst
 
 
-def umeyama_sim3(
-    src: np.ndarray, dst: np.ndarray, with_scale: bool = True, weights: np.ndarray | None = None
-) -> Sim3:
+def umeyama_sim3(src: np.ndarray, dst: np.ndarray, with_scale: bool = True, weights: np.ndarray | None = None) -> Sim3:
     """Least-squares (weighted) similarity with dst ≈ s·R·src + t (Umeyama 1991). Needs ≥ 3 points."""
     src, dst = _check_pair(src, dst)
     n = src.shape[0]

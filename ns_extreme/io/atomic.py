@@ -126,7 +126,9 @@ def _explain_creation_failure(exc: OSError, target: Path) -> None:
     """Raise a user-facing error when the folder or temporary file for ``target`` could not be created for a
     known reason; return (the caller re-raises ``exc``) otherwise."""
     if isinstance(exc, FileExistsError):  # mkdir(exist_ok=True) on a file
-        raise OutputWriteError(errno.ENOTDIR, f"could not write {target}: {target.parent} is a file, not a folder") from exc
+        raise OutputWriteError(
+            errno.ENOTDIR, f"could not write {target}: {target.parent} is a file, not a folder"
+        ) from exc
     if exc.errno in _OS_ERROR_HINTS:
         raise _write_failed(exc, target) from exc
 

@@ -13,8 +13,8 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -71,9 +71,7 @@ class SfmPoints:
         return SfmPoints(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0), z, z, np.zeros((0, 2)))
 
 
-def _check_inputs(
-    image_names: Sequence[str], w2c: np.ndarray, K: np.ndarray, sizes: np.ndarray
-) -> None:
+def _check_inputs(image_names: Sequence[str], w2c: np.ndarray, K: np.ndarray, sizes: np.ndarray) -> None:
     n = len(image_names)
     if len(set(image_names)) != n:
         raise ValueError("image names must be unique")
@@ -168,8 +166,10 @@ def write_colmap_model(
     elif points_rgb is not None:
         raise ValueError("points_rgb given without points_xyz")
 
-    if sfm_points is not None and len(sfm_points.obs_view) and (
-        sfm_points.obs_view.min() < 0 or sfm_points.obs_view.max() >= len(image_names)
+    if (
+        sfm_points is not None
+        and len(sfm_points.obs_view)
+        and (sfm_points.obs_view.min() < 0 or sfm_points.obs_view.max() >= len(image_names))
     ):
         raise ValueError("sfm_points observe an image index outside the model")
     rec = build_reconstruction(image_names, w2c, Ks, sizes, xyz, rgb, sfm_points)

@@ -1,7 +1,7 @@
 """Write a Reconstruction as a nerfstudio dataset that COLMAP-reading trainers can use too.
 
-Layout (product spec 2.1): images/, transforms.json (original resolution, OpenGL camera-to-world),
-sparse_pc.ply (x y z red green blue confidence), depth/ (optional), colmap/sparse/0/, extreme_poses.json. Everything is staged in a hidden
+Layout (product spec 2.1): images/, transforms.json (original resolution, OpenGL camera-to-world), sparse_pc.ply (x y z
+red green blue confidence), depth/ (optional), colmap/sparse/0/, extreme_poses.json. Everything is staged in a hidden
 sibling folder and published by one rename, so a failed or interrupted run leaves nothing half-written.
 
 World frames: colmap/ and extreme_poses.json use the reconstruction's world (the model's frame 0 with
@@ -56,7 +56,9 @@ def depth_at_original_resolution(depth_pre: np.ndarray, record: PreprocessRecord
     return out
 
 
-def point_properties(points_conf: np.ndarray, num_points: int, points_source: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
+def point_properties(
+    points_conf: np.ndarray, num_points: int, points_source: Optional[np.ndarray] = None
+) -> dict[str, np.ndarray]:
     """The per-point properties written after x y z red green blue in sparse_pc.ply: ``confidence`` (float32,
     the model's depth confidence of the pixel each point came from; higher = more reliable, model-specific
     scale) and ``source`` (uint8: 0 = the model's depth, 1 = an SfM point triangulated from feature tracks).
@@ -128,7 +130,9 @@ def _provenance(recon, applied: np.ndarray, extra: Optional[dict[str, Any]], ima
         **(extra or {}),
         "world": {
             "source": recon.world_source,
-            "convention": "colmap/ and the poses below: world-to-camera, OpenCV axes; transforms.json: applied_transform @ world",
+            "convention": (
+                "colmap/ and the poses below: world-to-camera, OpenCV axes; transforms.json: applied_transform @ world"
+            ),
             "applied_transform": applied.tolist(),
         },
         "views": [
@@ -161,7 +165,10 @@ def _provenance(recon, applied: np.ndarray, extra: Optional[dict[str, Any]], ima
         "pairs": [vars(p) for p in recon.pairs],
         "chunk_joins": recon.chunk_residuals,
         "refinement": recon.refinement.summary() if recon.refinement is not None else {"status": "off"},
-        "points": {"count": int(len(recon.points_xyz)), "mean_confidence": float(recon.points_conf.mean()) if len(recon.points_conf) else None},
+        "points": {
+            "count": int(len(recon.points_xyz)),
+            "mean_confidence": float(recon.points_conf.mean()) if len(recon.points_conf) else None,
+        },
         "timings_s": recon.timings,
     }
 

@@ -171,7 +171,8 @@ def _open_image(path: Path) -> Image.Image:
         img.close()
         raise ImageReadError(
             path,
-            f"image too large ({w}x{h} = {w * h / 1e6:.0f} MP, limit {MAX_IMAGE_PIXELS / 1e6:.0f} MP); downscale it first",
+            f"image too large ({w}x{h} = {w * h / 1e6:.0f} MP, limit "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} MP); downscale it first",
         )
     return img
 
@@ -377,7 +378,9 @@ def _source_to_rgb(source: ImageSource) -> tuple[np.ndarray, Path | None]:
         return _pil_to_rgb_u8(source), None
     if isinstance(source, np.ndarray):
         if source.dtype != np.uint8 or not (source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (3, 4))):
-            raise ValueError(f"image arrays must be uint8 [H, W], [H, W, 3] or [H, W, 4], got {source.dtype} {source.shape}")
+            raise ValueError(
+                f"image arrays must be uint8 [H, W], [H, W, 3] or [H, W, 4], got {source.dtype} {source.shape}"
+            )
         return _pil_to_rgb_u8(Image.fromarray(source)), None
     path = Path(source)
     return load_rgb(path), path
@@ -446,7 +449,9 @@ def preprocess_images(
         del rgb, resized  # keep one decoded original in memory at a time (large photos)
     if not tensors:
         first = skipped[0]
-        raise ImageReadError(first.path, f"{first.reason} (and none of the other {len(skipped) - 1} image(s) could be read either)")
+        raise ImageReadError(
+            first.path, f"{first.reason} (and none of the other {len(skipped) - 1} image(s) could be read either)"
+        )
 
     if mode == "pad":
         max_h = max_w = target_size

@@ -128,7 +128,8 @@ def _fast_vertex_columns(path: str | os.PathLike[str]) -> dict[str, np.ndarray] 
     fmt = next((h.split()[1] for h in header if h.startswith("format ") and len(h.split()) > 1), "")
     simple = (
         header[:1] == ["ply"] and header[-1:] == ["end_header"] and len(elements) == 1 and len(elements[0]) == 3
-        and elements[0][1] == "vertex" and elements[0][2].isdigit() and all(len(p) == 3 and p[1] in _PLY_DTYPES for p in props)
+        and elements[0][1] == "vertex" and elements[0][2].isdigit()
+        and all(len(p) == 3 and p[1] in _PLY_DTYPES for p in props)
         and fmt in ("ascii", "binary_little_endian")
     )  # fmt: skip
     if not simple:

@@ -142,7 +142,9 @@ def _frame_value(frame: dict[str, Any], meta: dict[str, Any], key: str) -> Any:
     return frame[key] if key in frame else meta.get(key)
 
 
-def _frame_intrinsics(frame: dict[str, Any], meta: dict[str, Any], i: int) -> tuple[float, float, float, float, int, int]:
+def _frame_intrinsics(
+    frame: dict[str, Any], meta: dict[str, Any], i: int
+) -> tuple[float, float, float, float, int, int]:
     """fx, fy, cx, cy, w, h of one frame: per-frame keys first, then global ones (instant-ngp fov keys too)."""
     w, h = _frame_value(frame, meta, "w"), _frame_value(frame, meta, "h")
     if w is None or h is None:

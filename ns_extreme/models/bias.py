@@ -57,7 +57,10 @@ def read_bias_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
         raise torch_load_failure(path, "bias checkpoint", err) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("bias_state_dict"), dict):
-        raise ModelLoadError(f'{path}: expected {{"bias_state_dict": {{name: tensor}}}}, got keys {list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__}')
+        raise ModelLoadError(
+            f'{path}: expected {{"bias_state_dict": {{name: tensor}}}}, got keys '
+            f"{list(obj)[:5] if isinstance(obj, dict) else type(obj).__name__}"
+        )
     tensors = obj["bias_state_dict"]
     for name, value in tensors.items():
         if not isinstance(name, str) or not isinstance(value, torch.Tensor) or not value.is_floating_point():
@@ -77,7 +80,10 @@ def bias_state_dict(model: nn.Module, names: list[str]) -> dict[str, torch.Tenso
 def write_bias_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
     from ns_extreme.io.atomic import torch_save_atomic
 
-    torch_save_atomic({"bias_state_dict": {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}}, Path(path))
+    torch_save_atomic(
+        {"bias_state_dict": {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}},
+        Path(path),
+    )
 
 
 @torch.no_grad()
@@ -86,8 +92,12 @@ def apply_bias_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sourc
     params = dict(model.named_parameters())
     unknown = [n for n in tensors if n not in params]
     if unknown:
-        raise ModelLoadError(f"{source}: {len(unknown)} names are not parameters of this model (wrong model?): {unknown[:4]}")
-    wrong = [f"{n} {tuple(t.shape)} != {tuple(params[n].shape)}" for n, t in tensors.items() if t.shape != params[n].shape]
+        raise ModelLoadError(
+            f"{source}: {len(unknown)} names are not parameters of this model (wrong model?): {unknown[:4]}"
+        )
+    wrong = [
+        f"{n} {tuple(t.shape)} != {tuple(params[n].shape)}" for n, t in tensors.items() if t.shape != params[n].shape
+    ]
     if wrong:
         raise ModelLoadError(f"{source}: wrong shapes: {wrong[:4]}")
     for name, value in tensors.items():

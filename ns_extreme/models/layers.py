@@ -81,7 +81,9 @@ class RotaryPositionEmbedding2D(nn.Module):
         super().__init__()
         self.frequency = frequency
 
-    def _cos_sin(self, dim: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cos_sin(
+        self, dim: int, length: int, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = 1.0 / (self.frequency ** (torch.arange(0, dim, 2, device=device).float() / dim))
         angles = torch.outer(torch.arange(length, device=device, dtype=inv_freq.dtype), inv_freq).to(dtype)
         angles = torch.cat((angles, angles), dim=-1)

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from ns_extreme.models.bias import AlignmentReport, apply_bias_tensors, read_bias_checkpoint
-from ns_extreme.models.registry import ModelSpec, get_spec
 from ns_extreme.models.layers import Linear, store_weights_in
+from ns_extreme.models.registry import ModelSpec, get_spec
 from ns_extreme.models.weights import WeightsReader, check_state_dict, fingerprint, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class LoadReport:
 
     def summary(self) -> str:
         aligned = (
-            f"alignment {self.alignment.source} ({self.alignment.parameters:,} bias parameters in {self.alignment.tensors} tensors)"
+            f"alignment {self.alignment.source} ({self.alignment.parameters:,} bias parameters in "
+            f"{self.alignment.tensors} tensors)"
             if self.alignment
             else "no alignment (pretrained biases)"
         )
@@ -81,12 +82,13 @@ def load_model(
 ) -> nn.Module:
     """Return an eval-mode backbone with frozen parameters; ``model.load_report`` says what was loaded.
 
-    ``weights``: a Hugging Face id (default: the model's official one), a local .safetensors/.pt/.pth file or
-    folder, or ``"random"`` (seeded random initialisation with plausible camera outputs, for tests and benchmarks). ``alignment``: ``"aligned"`` (the paper's released biases), ``"pretrained"`` or a
-    path to a bias checkpoint. ``config``: model sizes (default: full size), e.g. ``VGGTConfig.tiny()``.
-    ``dtype``: the dtype of the parameters and of the computation. ``storage_dtype`` (e.g. ``torch.bfloat16``
-    with ``dtype=torch.float32``): keep the matrices of the transformer's linear layers (>95 % of the weights)
-    in this narrower dtype and widen them per call: half the weight memory with ``dtype`` arithmetic.
+    ``weights``: a Hugging Face id (default: the model's official one), a local .safetensors/.pt/.pth file or folder, or
+    ``"random"`` (seeded random initialisation with plausible camera outputs, for tests and benchmarks). ``alignment``:
+    ``"aligned"`` (the paper's released biases), ``"pretrained"`` or a path to a bias checkpoint. ``config``: model
+    sizes (default: full size), e.g. ``VGGTConfig.tiny()``. ``dtype``: the dtype of the parameters and of the
+    computation. ``storage_dtype`` (e.g. ``torch.bfloat16`` with ``dtype=torch.float32``): keep the matrices of the
+    transformer's linear layers (>95 % of the weights) in this narrower dtype and widen them per call: half the weight
+    memory with ``dtype`` arithmetic.
 
     ``heads`` (VGGT): build only these heads, e.g. ``("camera", "depth")`` for posing; the others' weights are
     skipped (models without ``drop_heads`` ignore it).
@@ -136,6 +138,10 @@ def load_model(
         alignment=report,
         device=str(device),
         dtype=str(dtype).replace("torch.", "")
-        + (f" ({str(storage_dtype).replace('torch.', '')} linear weights)" if storage_dtype not in (None, dtype) else ""),
+        + (
+            f" ({str(storage_dtype).replace('torch.', '')} linear weights)"
+            if storage_dtype not in (None, dtype)
+            else ""
+        ),
     )
     return model

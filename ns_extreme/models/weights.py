@@ -151,7 +151,9 @@ def safetensors_index(path: Path) -> dict[str, TensorEntry]:
             raise _not_safetensors(path, f"bad header entry for {name!r}: {err!r}") from None
         nbytes = shape.numel() * dtype.itemsize
         if begin < 0 or end - begin != nbytes or base + end > size:
-            raise _not_safetensors(path, f"tensor {name!r} does not fit the file (offsets {begin}..{end}, {nbytes} bytes expected)")
+            raise _not_safetensors(
+                path, f"tensor {name!r} does not fit the file (offsets {begin}..{end}, {nbytes} bytes expected)"
+            )
         index[name] = TensorEntry(dtype, shape, base + begin, base + end)
     return index
 
@@ -289,7 +291,9 @@ def check_state_dict(
     shape = {k: torch.Size(v.shape if isinstance(v, torch.Tensor) else v) for k, v in used.items()}
     missing = set(expected) - set(used)
     unexpected = set(used) - set(expected)
-    mis_shaped = [f"{k} {tuple(shape[k])} != {tuple(expected[k])}" for k in set(used) & set(expected) if shape[k] != expected[k]]
+    mis_shaped = [
+        f"{k} {tuple(shape[k])} != {tuple(expected[k])}" for k in set(used) & set(expected) if shape[k] != expected[k]
+    ]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing keys: {_listing(missing)}")

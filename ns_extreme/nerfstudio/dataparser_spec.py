@@ -49,6 +49,7 @@ def _norm(flag: str) -> str:
 def extreme3d_option_names() -> frozenset:
     """Option names (normalised, without ``--``) that belong to the extreme3d subcommand, except ``data``
     (``--data`` is also a top-level ns-train option and works before the subcommand)."""
+
     def flat(cls: type) -> set:
         names = set()
         for f in dataclasses.fields(cls):
@@ -153,8 +154,7 @@ def _normalise_sys_argv() -> None:
     if rewritten is None:
         return
     sys.stderr.write(
-        f"{NAME}: reading '{DATAPARSER_FLAG} {NAME}' as the dataparser subcommand: "
-        f"ns-train {' '.join(rewritten[1:])}\n"
+        f"{NAME}: reading '{DATAPARSER_FLAG} {NAME}' as the dataparser subcommand: ns-train {' '.join(rewritten[1:])}\n"
     )
     sys.argv[:] = rewritten
 

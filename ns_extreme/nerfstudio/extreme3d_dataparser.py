@@ -44,8 +44,6 @@ from typing import Any, Callable, Dict, List, Literal, Optional, Tuple, Type
 
 import numpy as np
 import torch
-from typing_extensions import Annotated
-
 import tyro
 from nerfstudio.cameras import camera_utils
 from nerfstudio.cameras.cameras import CAMERA_MODEL_TO_TYPE, Cameras
@@ -59,6 +57,7 @@ from nerfstudio.data.utils.dataparsers_utils import (
 )
 from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerControl
+from typing_extensions import Annotated
 
 from ns_extreme.cli.process import PoseModelOptions
 from ns_extreme.cli.runtime import jsonable
@@ -78,7 +77,8 @@ class Extreme3DDataParserConfig(DataParserConfig):
     _target: Type = field(default_factory=lambda: Extreme3DDataParser)
     """target class to instantiate"""
     data: Path = Path()
-    """A dataset folder from ns-process-data extreme-poses (or its transforms.json), or a folder of images or a video file to pose on the fly (cached in <data>/.extreme3d, for a video in .<video name>.extreme3d beside it)."""
+    """A dataset folder from ns-process-data extreme-poses (or its transforms.json), or a folder of images or a video
+    file to pose on the fly (cached in <data>/.extreme3d, for a video in .<video name>.extreme3d beside it)."""
     scale_factor: float = 1.0
     """How much to scale the camera origins by (after --auto-scale-poses)."""
     scene_scale: float = 1.0
@@ -90,7 +90,8 @@ class Extreme3DDataParserConfig(DataParserConfig):
     auto_scale_poses: bool = True
     """Whether to automatically scale the poses to fit in +/- 1 bounding box."""
     eval_mode: Literal["auto", "fraction", "filename", "interval", "all"] = "auto"
-    """Train/eval split. auto: 'all' (every view trains and evaluates) for very sparse captures of at most --sparse-max-views views, else 'fraction'. fraction / filename / interval / all: as in nerfstudio's parser."""
+    """Train/eval split. auto: 'all' (every view trains and evaluates) for very sparse captures of at most
+    --sparse-max-views views, else 'fraction'. fraction / filename / interval / all: as in nerfstudio's parser."""
     sparse_max_views: int = 12
     """With --eval-mode auto, captures of at most this many views train on all views."""
     train_split_fraction: float = 0.9
@@ -188,7 +189,10 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         try:
             self.extreme_panel = self.build_viewer_panel(viewer.viser_server)
         except Exception as exc:  # noqa: BLE001 -- the stock viewer must keep working
-            CONSOLE.print(f"[yellow]extreme3d: the 'Extreme poses' viewer panel is unavailable: {type(exc).__name__}: {exc}[/yellow]")
+            CONSOLE.print(
+                "[yellow]extreme3d: the 'Extreme poses' viewer panel is unavailable: "
+                f"{type(exc).__name__}: {exc}[/yellow]"
+            )
 
     def build_viewer_panel(self, server: Any) -> Any:
         """Draw the dataset's cameras, points and diagnostics on ``server`` in the training frame (x10, like
@@ -274,7 +278,9 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         provenance = cache / "extreme_poses.json"
         exists = cache.exists() or cache.is_symlink()
         if exists and not provenance.is_file():
-            raise FileExistsError(f"extreme3d: cache folder {cache} exists but is not an extreme3d cache; remove it or pass --cache-dir")
+            raise FileExistsError(
+                f"extreme3d: cache folder {cache} exists but is not an extreme3d cache; remove it or pass --cache-dir"
+            )
         if exists and not self.config.refresh_cache:
             try:
                 stored = json.loads(provenance.read_text(encoding="utf-8")).get(CACHE_KEY)
@@ -283,7 +289,9 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             if stored == key and (cache / "transforms.json").is_file():
                 CONSOLE.print(f"[bold green]extreme3d:[/bold green] reusing cached poses in {cache}")
                 return cache
-            CONSOLE.print(f"[yellow]extreme3d: images or posing options changed since {cache} was written; posing again[/yellow]")
+            CONSOLE.print(
+                f"[yellow]extreme3d: images or posing options changed since {cache} was written; posing again[/yellow]"
+            )
         images = list_images()
         if len(images) < 2:
             raise ValueError(f"extreme3d: {data} has {len(images)} image(s); posing needs at least 2")
@@ -362,7 +370,10 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             if max_t > 1e-12:
                 scale_factor /= max_t
             else:
-                CONSOLE.print("[yellow]extreme3d: all cameras sit at one point; --auto-scale-poses has nothing to normalise[/yellow]")
+                CONSOLE.print(
+                    "[yellow]extreme3d: all cameras sit at one point; --auto-scale-poses has "
+                    "nothing to normalise[/yellow]"
+                )
         scale_factor *= self.config.scale_factor
         poses[:, :3, 3] *= scale_factor
 
@@ -371,7 +382,13 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             raise ValueError(f"extreme3d: unsupported camera_model {camera_model!r} in {json_path}")
         applied = meta["applied_transform"]
         if applied is not None:
-            applied_h = torch.cat([torch.tensor(applied, dtype=transform_matrix.dtype), torch.tensor([[0, 0, 0, 1]], dtype=transform_matrix.dtype)], 0)
+            applied_h = torch.cat(
+                [
+                    torch.tensor(applied, dtype=transform_matrix.dtype),
+                    torch.tensor([[0, 0, 0, 1]], dtype=transform_matrix.dtype),
+                ],
+                0,
+            )
             dataparser_transform = transform_matrix @ applied_h
         else:
             dataparser_transform = transform_matrix
@@ -380,7 +397,9 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         if self.config.load_3D_points:
             points = self._load_points(data_dir, meta.get("ply_file_path"), transform_matrix, scale_factor)
             if points is None:
-                CONSOLE.print("[bold yellow]extreme3d: no point cloud in this dataset; splatfacto will use random initialisation")
+                CONSOLE.print(
+                    "[bold yellow]extreme3d: no point cloud in this dataset; splatfacto will use random initialisation"
+                )
 
         return _Scene(
             json_path=json_path,
@@ -462,5 +481,7 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             rgb = np.full((len(xyz), 3), 128, dtype=np.uint8)
         rgb = np.asarray(rgb)
         if rgb.dtype != np.uint8:  # float colours in [0, 1]
-            rgb = np.clip(np.round(rgb.astype(np.float64) * (255.0 if rgb.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+            rgb = np.clip(np.round(rgb.astype(np.float64) * (255.0 if rgb.max() <= 1.0 else 1.0)), 0, 255).astype(
+                np.uint8
+            )
         return {"points3D_xyz": xyz_t.contiguous(), "points3D_rgb": torch.from_numpy(np.ascontiguousarray(rgb))}

@@ -49,7 +49,9 @@ def _forward(model: nn.Module, images: torch.Tensor, dtype: torch.dtype, **kwarg
     """``model(images[None], **kwargs)`` with the images in the dtype of the model's (non-narrowed) parameters,
     under autocast when ``dtype`` is narrower than those."""
     first = next(model.parameters())  # a token, never a Linear matrix stored narrow (store_weights_in)
-    autocast = torch.autocast(device_type=first.device.type, dtype=dtype) if dtype != first.dtype else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device_type=first.device.type, dtype=dtype) if dtype != first.dtype else contextlib.nullcontext()
+    )
     with autocast:
         return model(images.to(first.device, first.dtype)[None], **kwargs)
 
@@ -108,7 +110,9 @@ class VGGTBackbone:
         check_finite(self.name, pred.w2c_opencv, pred.intrinsics, pred.depth, pred.confidence)
         fov = out["pose_enc"][0, :, 7:].float()
         if not bool(((fov > 0) & (fov < torch.pi)).all()):
-            raise NonFiniteOutputError(f"{self.name} predicted a field of view outside (0, 180) degrees; check the weights")
+            raise NonFiniteOutputError(
+                f"{self.name} predicted a field of view outside (0, 180) degrees; check the weights"
+            )
         return pred
 
 
@@ -167,7 +171,8 @@ class Pi3Backbone:
         focal = K[:, 0, 0]
         if not bool(np.all(np.isfinite(focal) & (focal > 0))):
             raise NonFiniteOutputError(
-                f"{self.name}: no positive focal length fits the predicted point maps (focal lengths {focal}); check the weights"
+                f"{self.name}: no positive focal length fits the predicted point maps (focal "
+                f"lengths {focal}); check the weights"
             )
         return FramePredictions(
             w2c_opencv=w2c[:, :3, :],

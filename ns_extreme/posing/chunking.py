@@ -42,7 +42,9 @@ def _shared_points(
     good = np.flatnonzero(ok & (conf >= (np.median(conf[ok]) if ok.any() else np.inf)))
     pick = rng.choice(good, size=min(SAMPLES_PER_SHARED_FRAME, len(good)), replace=False)
     src = unproject_depth(pred.depth[local], pred.intrinsics[local], pred.w2c_opencv[local]).reshape(-1, 3)[pick]
-    dst = unproject_depth(other.depth[other_local], other.intrinsics[other_local], other.w2c_opencv[other_local]).reshape(-1, 3)[pick]
+    dst = unproject_depth(
+        other.depth[other_local], other.intrinsics[other_local], other.w2c_opencv[other_local]
+    ).reshape(-1, 3)[pick]
     return src, dst, conf.ravel()[pick]
 
 
@@ -76,7 +78,12 @@ def predict_in_chunks(
         sim, res = robust_sim3(src, dst, weights=weight)
         scale = float(np.median(np.linalg.norm(dst - dst.mean(0), axis=1)))
         residuals.append(
-            {"chunk": c, "shared_frames": len(shared), "median": float(np.median(res)) / scale, "p90": float(np.percentile(res, 90)) / scale}
+            {
+                "chunk": c,
+                "shared_frames": len(shared),
+                "median": float(np.median(res)) / scale,
+                "p90": float(np.percentile(res, 90)) / scale,
+            }
         )
         new = [frames.index(f) for f in frames if f not in shared]
         merged = FramePredictions(

@@ -57,7 +57,7 @@ def _robust_focal(a: np.ndarray, p: np.ndarray, w: np.ndarray, iterations: int) 
     # Start: the (confidence-weighted) median of the per-pixel focal estimates (50 % breakdown point).
     # Not weighted by |p|² as least squares would be: outliers often have huge x/z and would dominate.
     f = _weighted_median(ap / pp, w)
-    for it in range(iterations):
+    for _ in range(iterations):
         r = np.sqrt(np.maximum(aa - 2.0 * f * ap + f * f * pp, 0.0))  # ‖a − f·p‖
         sigma = MAD_TO_SIGMA * float(np.median(r))
         if not sigma > 0:  # exact fit
@@ -113,7 +113,9 @@ def recover_focal(
         f = _robust_focal(offsets[valid], rays[valid], w[valid], iterations)
         focals = np.full(S, f)
     else:
-        focals = np.array([_robust_focal(offsets[s][valid[s]], rays[s][valid[s]], w[s][valid[s]], iterations) for s in range(S)])
+        focals = np.array(
+            [_robust_focal(offsets[s][valid[s]], rays[s][valid[s]], w[s][valid[s]], iterations) for s in range(S)]
+        )
 
     K = np.zeros((S, 3, 3))
     K[:, 0, 0] = K[:, 1, 1] = focals

@@ -7,8 +7,8 @@ function below that takes what earlier stages produced.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -37,7 +37,13 @@ def _run_backbone(backbone: PosingBackbone, batch: PreprocessedBatch, options: P
     valid = np.stack([r.valid_mask_preprocessed() for r in batch.records])
     try:  # close the bar on errors too, so an error message starts on a line of its own
         pred, residuals = predict_in_chunks(
-            backbone.predict, batch.images, options.max_frames_per_pass, options.chunk_overlap, on_chunk, options.seed, valid
+            backbone.predict,
+            batch.images,
+            options.max_frames_per_pass,
+            options.chunk_overlap,
+            on_chunk,
+            options.seed,
+            valid,
         )
     finally:
         bar.close()
@@ -45,7 +51,8 @@ def _run_backbone(backbone: PosingBackbone, batch: PreprocessedBatch, options: P
         # Backbones without an intrinsics head recover them inside predict() (Pi3Backbone: focal.recover_focal),
         # because chunked inference needs them per pass to join chunks.
         raise NotImplementedError(
-            f"{backbone.name} returned no intrinsics; a backbone without an intrinsics head must fill them in predict(), "
+            f"{backbone.name} returned no intrinsics; a backbone without an intrinsics "
+            "head must fill them in predict(), "
             "e.g. with ns_extreme.posing.focal.recover_focal as Pi3Backbone does"
         )
     return pred, residuals
@@ -59,7 +66,8 @@ def _skipped_summary(skipped: list[SkippedImage], limit: int = 5) -> str:
 def _need_two(usable: int, total: int, skipped: list[SkippedImage]) -> None:
     if usable < 2:
         raise ValueError(
-            f"only {usable} of {total} images can be used, posing needs at least 2 (skipped: {_skipped_summary(skipped)}); "
+            f"only {usable} of {total} images can be used, posing needs at least 2 (skipped: "
+            f"{_skipped_summary(skipped)}); "
             "replace or remove the unreadable files, or add more photos"
         )
 
@@ -77,12 +85,16 @@ class _Cameras:
     world_source: str = "model"
 
 
-def _known_poses_stage(cams: _Cameras, image_paths: list[Path], sizes_wh: np.ndarray, options: PosingOptions, notes: list[str]) -> None:
+def _known_poses_stage(
+    cams: _Cameras, image_paths: list[Path], sizes_wh: np.ndarray, options: PosingOptions, notes: list[str]
+) -> None:
     """Put every view into the --poses-from world and give the known views their given cameras."""
     known = read_known_poses(options.poses_from)
     matches = match_known(image_paths, known)
     if not matches:
-        raise ValueError(f"--poses-from {options.poses_from}: none of its {len(known.names)} image names matches an input image")
+        raise ValueError(
+            f"--poses-from {options.poses_from}: none of its {len(known.names)} image names matches an input image"
+        )
     views, rows = list(matches), list(matches.values())
     if len(matches) == 1:
         notes.append("only one view has a known pose: the other views keep the model's scale, not the known world's")

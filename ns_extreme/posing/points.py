@@ -8,7 +8,6 @@ import numpy as np
 
 from ns_extreme.geometry.projection import unproject_depth
 
-
 SOURCE_3DFM, SOURCE_SFM = 0, 1
 """Values of the per-point ``source`` (sparse_pc.ply): the model's depth, or a triangulated feature track."""
 _FIELDS = ("xyz", "rgb", "conf", "view", "pixel", "source")
@@ -121,7 +120,9 @@ def uncovered(cloud: PointCloud, sfm, records, cell: float = 4.0) -> np.ndarray:
         seen = sfm.obs_view == v
         if not seen.any():
             continue
-        occupied = {tuple(c) for c in np.floor(records[v].points_to_preprocessed(sfm.obs_xy[seen]) / cell).astype(np.int64)}
+        occupied = {
+            tuple(c) for c in np.floor(records[v].points_to_preprocessed(sfm.obs_xy[seen]) / cell).astype(np.int64)
+        }
         cells = np.floor(cloud.pixel[mine] / cell).astype(np.int64)
         keep[mine] = [tuple(c) not in occupied for c in cells]
     return keep

@@ -46,7 +46,9 @@ class DisplayFrame:
         import viser.transforms as vtf
 
         R_display = nearest_rotation(np.einsum("ij,nkj->nik", self.R, np.asarray(w2c)[:, :3, :3]))
-        return DisplayPoses(wxyz=vtf.SO3.from_matrix(R_display).wxyz, positions=self.points(camera_centres_from_w2c(w2c)))
+        return DisplayPoses(
+            wxyz=vtf.SO3.from_matrix(R_display).wxyz, positions=self.points(camera_centres_from_w2c(w2c))
+        )
 
 
 def _rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -59,7 +59,10 @@ def load_report(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise ValueError(f"{p}: not a readable eval report ({exc})") from None
     if not isinstance(report, dict) or report.get("format") != REPORT_FORMAT:
-        raise ValueError(f"{p}: not an ns-extreme-align eval report (format {report.get('format') if isinstance(report, dict) else None!r})")
+        raise ValueError(
+            f"{p}: not an ns-extreme-align eval report (format "
+            f"{report.get('format') if isinstance(report, dict) else None!r})"
+        )
     if not isinstance(report.get("pairs"), list) or not report["pairs"]:
         raise ValueError(f"{p}: the report has no evaluated pairs")
     report["_path"] = str(p)
@@ -133,7 +136,9 @@ def _load_pair_views(report: dict[str, Any]) -> list[Optional[tuple[_View, _View
         if not isinstance(idx, int) or not 0 <= idx < len(records):
             continue
         rec = records[idx]
-        if (rec.get("view1") or {}).get("path") != p.get("image1") or (rec.get("view2") or {}).get("path") != p.get("image2"):
+        if (rec.get("view1") or {}).get("path") != p.get("image1") or (rec.get("view2") or {}).get("path") != p.get(
+            "image2"
+        ):
             continue  # not the same pair: do not guess
         v1, v2 = _view(rec["view1"]), _view(rec["view2"])
         if v1 is not None and v2 is not None:
@@ -156,7 +161,9 @@ class PairsBrowser:
         self.server = server
         self.report = report
         self.pairs: list[dict[str, Any]] = report["pairs"]
-        self.labels: list[str] = list(report.get("models") or {}) or sorted({k for p in self.pairs for k in (p.get("errors_deg") or {})})
+        self.labels: list[str] = list(report.get("models") or {}) or sorted(
+            {k for p in self.pairs for k in (p.get("errors_deg") or {})}
+        )
         self.images_root = Path(report.get("images_root") or ".")
         self.views = _load_pair_views(report)
         self._lock = threading.RLock()
@@ -212,7 +219,9 @@ class PairsBrowser:
             return 2 * math.atan2(view.height / 2, view.fy), view.width / view.height
         return math.radians(50.0), 4 / 3
 
-    def _frustum(self, name: str, R_cam_to_cam1: np.ndarray, position: np.ndarray, color: tuple, fov_aspect: tuple, image: Any) -> Any:
+    def _frustum(
+        self, name: str, R_cam_to_cam1: np.ndarray, position: np.ndarray, color: tuple, fov_aspect: tuple, image: Any
+    ) -> Any:
         import viser.transforms as vtf
 
         R = CAM_TO_VIEW @ R_cam_to_cam1
@@ -232,12 +241,16 @@ class PairsBrowser:
             h.remove()
         self.handles = {}
         p = self.pairs[k]
-        self.handles["cam1"] = self._frustum(f"{ROOT}/camera1", np.eye(3), np.zeros(3), CAM1_COLOR, self._fov_aspect(k, 0), self._thumb(p["image1"]))
+        self.handles["cam1"] = self._frustum(
+            f"{ROOT}/camera1", np.eye(3), np.zeros(3), CAM1_COLOR, self._fov_aspect(k, 0), self._thumb(p["image1"])
+        )
         pos2 = self.camera2_position(k)
         R_gt = self.gt_rel_rotation(k)
         img2 = self._thumb(p["image2"])
         if R_gt is not None:
-            self.handles["gt2"] = self._frustum(f"{ROOT}/camera2_gt", R_gt.T, pos2, GT_COLOR, self._fov_aspect(k, 1), img2)
+            self.handles["gt2"] = self._frustum(
+                f"{ROOT}/camera2_gt", R_gt.T, pos2, GT_COLOR, self._fov_aspect(k, 1), img2
+            )
         for n, (label, R) in enumerate(self.pred_rel_rotations(k).items()):
             self.handles[f"pred2/{label}"] = self._frustum(
                 f"{ROOT}/camera2_pred/{n}", R.T, pos2, MODEL_COLORS[n % len(MODEL_COLORS)], self._fov_aspect(k, 1), None
@@ -256,7 +269,10 @@ class PairsBrowser:
         preds = any(p.get("pred_rel_rotation") for p in self.pairs)
         parts = ["grey: camera 1 · green: camera 2, ground truth"]
         if preds:
-            parts += [f"{_color_name(MODEL_COLORS[n % len(MODEL_COLORS)])}: camera 2, {label}" for n, label in enumerate(self.labels)]
+            parts += [
+                f"{_color_name(MODEL_COLORS[n % len(MODEL_COLORS)])}: camera 2, {label}"
+                for n, label in enumerate(self.labels)
+            ]
         else:
             parts.append("(this report stores no predicted rotations: predicted angles and errors are listed below)")
         return " · ".join(parts)
@@ -270,7 +286,10 @@ class PairsBrowser:
             for cls in ("large", "small", "none", "all"):
                 m = summary.get(cls) or {}
                 if m.get("count"):
-                    rows.append(f"| {label} | {cls} | {m['count']} | {_fmt(m.get('mre'))} | {_fmt(m.get('ra15'), 0)} | {_fmt(m.get('ra30'), 0)} |")
+                    rows.append(
+                        f"| {label} | {cls} | {m['count']} | {_fmt(m.get('mre'))} | "
+                        f"{_fmt(m.get('ra15'), 0)} | {_fmt(m.get('ra30'), 0)} |"
+                    )
         if not rows:
             return ""
         return "| model | class | pairs | MRE° | RA15% | RA30% |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
@@ -280,11 +299,16 @@ class PairsBrowser:
         r = self.report
         with gui.add_folder(FOLDER_LABEL):
             counts = r.get("counts") or {}
-            head = f"**{len(self.pairs):,} pairs** ({', '.join(f'{k} {v}' for k, v in counts.items())}), models: {', '.join(self.labels)}"
+            head = (
+                f"**{len(self.pairs):,} pairs** ({', '.join(f'{k} {v}' for k, v in counts.items())}), "
+                f"models: {', '.join(self.labels)}"
+            )
             self.gui["summary"] = gui.add_markdown(head + "\n\n" + self._metrics_md())
             self.gui["overlap"] = gui.add_dropdown("Overlap", OVERLAP_FILTERS, initial_value="all")
             self.gui["sort"] = gui.add_dropdown("Sort by", SORTS, initial_value=SORTS[0])
-            self.gui["model"] = gui.add_dropdown("Error of", tuple(self.labels) or ("–",), hint="Model whose error sorts the pairs")
+            self.gui["model"] = gui.add_dropdown(
+                "Error of", tuple(self.labels) or ("–",), hint="Model whose error sorts the pairs"
+            )
             self.gui["pair"] = gui.add_dropdown("Pair", ("–",))
             self.gui["prev"] = gui.add_button("Previous pair")
             self.gui["next"] = gui.add_button("Next pair")
@@ -419,7 +443,9 @@ def start_pairs_browser(report_path: str | Path, host: str = "127.0.0.1", port: 
     except BaseException:
         server.stop()
         raise
-    return RunningViewer(server=server, host=host, port=bound, timings_s={"total_s": time.perf_counter() - t0}, browser=browser)
+    return RunningViewer(
+        server=server, host=host, port=bound, timings_s={"total_s": time.perf_counter() - t0}, browser=browser
+    )
 
 
 def serve_pairs_browser(

@@ -8,9 +8,9 @@ from typing import Optional
 
 import numpy as np
 
+from ns_extreme.geometry.conventions import camera_centres_from_w2c
 from ns_extreme.geometry.rotations import geodesic_angle_deg
 from ns_extreme.posing.reconstruction import PairDiagnostic
-from ns_extreme.geometry.conventions import camera_centres_from_w2c
 from ns_extreme.viewer.point_layers import PointLayers
 from ns_extreme.viewer.refinement import RefinementSummary, ViewRefinement
 from ns_extreme.viewer.scene_data import SceneData
@@ -53,8 +53,10 @@ def pose_set_labels(data: SceneData) -> dict[str, str]:
 
 def summary_markdown(data: SceneData) -> str:
     sfm = int(data.points_sfm.sum()) if data.has_sfm_points else 0  # type: ignore[union-attr]
-    counts = f"{len(data.points_xyz):,} points" if not sfm else (
-        f"{len(data.points_xyz) - sfm:,} model points + {sfm:,} SfM points"
+    counts = (
+        f"{len(data.points_xyz):,} points"
+        if not sfm
+        else (f"{len(data.points_xyz) - sfm:,} model points + {sfm:,} SfM points")
     )
     parts = [f"**{data.num_views} views**, {counts}, {len(data.pairs):,} pairs"]
     model = data.model
@@ -179,7 +181,8 @@ def pairs_table_markdown(data: SceneData, rows: list[int], matching: int, max_ro
     return (
         f"{note}; all: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + "  \n"
         "angle = aligned model's relative rotation; Δ models = angle between the two models' estimates\n\n"
-        + head + body
+        + head
+        + body
     )
 
 

@@ -221,7 +221,10 @@ def _read_provenance(data: SceneData, prov_path: Path) -> None:
             continue
         data.pairs.append(
             PairDiagnostic(
-                i=i, j=j, angle_deg=_nan_if_none(opt_float(p.get("angle_deg"))), overlap=str(p.get("overlap", "?")),
+                i=i,
+                j=j,
+                angle_deg=_nan_if_none(opt_float(p.get("angle_deg"))),
+                overlap=str(p.get("overlap", "?")),
                 pretrained_angle_deg=opt_float(p.get("pretrained_angle_deg")),
                 model_disagreement_deg=opt_float(p.get("model_disagreement_deg")),
             )

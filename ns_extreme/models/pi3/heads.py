@@ -44,7 +44,14 @@ class FrameDecoder(nn.Module):
     """Linear projection, ``depth`` per-frame RoPE blocks (no LayerScale, no qk-norm), linear output."""
 
     def __init__(
-        self, in_dim: int, dim: int, out_dim: int, depth: int, num_heads: int, mlp_ratio: float, rope: RotaryPositionEmbedding2D
+        self,
+        in_dim: int,
+        dim: int,
+        out_dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        rope: RotaryPositionEmbedding2D,
     ) -> None:
         super().__init__()
         self.projects = nn.Linear(in_dim, dim)

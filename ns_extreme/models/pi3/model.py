@@ -56,7 +56,13 @@ class Pi3(nn.Module):
             pi3_block(C, cfg.num_heads, cfg.mlp_ratio, self.rope, init_values=cfg.init_values, qk_norm=True)
             for _ in range(cfg.depth)
         )
-        head = dict(dim=cfg.head_embed_dim, depth=cfg.head_depth, num_heads=cfg.head_num_heads, mlp_ratio=cfg.mlp_ratio, rope=self.rope)
+        head = dict(
+            dim=cfg.head_embed_dim,
+            depth=cfg.head_depth,
+            num_heads=cfg.head_num_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            rope=self.rope,
+        )
         self.point_decoder = FrameDecoder(2 * C, out_dim=cfg.head_embed_dim, **head)
         self.point_head = PixelShuffleHead(cfg.head_embed_dim, 3, cfg.patch_size)
         self.conf_decoder = FrameDecoder(2 * C, out_dim=cfg.head_embed_dim, **head)
@@ -72,7 +78,9 @@ class Pi3(nn.Module):
         for decoder in (self.point_decoder, self.conf_decoder, self.camera_decoder):
             decoder.gradient_checkpointing = enabled
 
-    def decode(self, patches: torch.Tensor, batch: int, frames: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(
+        self, patches: torch.Tensor, batch: int, frames: int, rows: int, cols: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Encoder tokens [B*S, hw, C] → (features [B*S, P, 2C], RoPE positions [B*S, P, 2]), P = registers + hw."""
         B, S = batch, frames
         registers = self.register_token.expand(B * S, 1, -1, -1).reshape(B * S, -1, patches.shape[-1])
@@ -135,10 +143,14 @@ class Pi3(nn.Module):
                 z = torch.exp(z)
                 out["local_points"] = torch.cat((xy * z, z), dim=-1)
             if "conf" in hidden:
-                out["conf"] = self.conf_head(_as(hidden["conf"], self.conf_head), rows, cols).float().reshape(B, S, H, W, 1)
+                out["conf"] = (
+                    self.conf_head(_as(hidden["conf"], self.conf_head), rows, cols).float().reshape(B, S, H, W, 1)
+                )
             if "camera" in hidden:
                 out["camera_poses"] = self.camera_head(_as(hidden["camera"], self.camera_head)).reshape(B, S, 4, 4)
             if "local_points" in out and "camera_poses" in out:
                 T = out["camera_poses"]
-                out["points"] = torch.einsum("bsij,bshwj->bshwi", T[..., :3, :3], out["local_points"]) + T[:, :, None, None, :3, 3]
+                out["points"] = (
+                    torch.einsum("bsij,bshwj->bshwi", T[..., :3, :3], out["local_points"]) + T[:, :, None, None, :3, 3]
+                )
         return out

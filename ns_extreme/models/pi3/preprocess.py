@@ -23,7 +23,9 @@ from ns_extreme.io.images import ImageSource, PreprocessedBatch, PreprocessRecor
 PIXEL_LIMIT = 255_000
 
 
-def pi3_resize_hw(original_hw: tuple[int, int], pixel_limit: int = PIXEL_LIMIT, patch_size: int = 14) -> tuple[int, int]:
+def pi3_resize_hw(
+    original_hw: tuple[int, int], pixel_limit: int = PIXEL_LIMIT, patch_size: int = 14
+) -> tuple[int, int]:
     """(H, W) π³ resizes an image of ``original_hw`` to: the largest multiple-of-patch size near the original
     aspect ratio whose area is at most ``pixel_limit`` (the reference's rounding and shrinking loop)."""
     h, w = original_hw

@@ -14,7 +14,9 @@ def uv_grid(width: int, height: int, aspect_ratio: float, dtype: torch.dtype, de
     diag = (aspect_ratio**2 + 1.0) ** 0.5
     span_x, span_y = aspect_ratio / diag, 1.0 / diag
     xs = torch.linspace(-span_x * (width - 1) / width, span_x * (width - 1) / width, width, dtype=dtype, device=device)
-    ys = torch.linspace(-span_y * (height - 1) / height, span_y * (height - 1) / height, height, dtype=dtype, device=device)
+    ys = torch.linspace(
+        -span_y * (height - 1) / height, span_y * (height - 1) / height, height, dtype=dtype, device=device
+    )
     uu, vv = torch.meshgrid(xs, ys, indexing="xy")
     return torch.stack((uu, vv), dim=-1)
 
@@ -27,7 +29,14 @@ def sincos_embed(values: torch.Tensor, dim: int, omega_0: float = 100.0) -> torc
 
 
 def uv_embedding(
-    channels: int, h: int, w: int, image_w: int, image_h: int, dtype: torch.dtype, device: torch.device, ratio: float = 0.1
+    channels: int,
+    h: int,
+    w: int,
+    image_w: int,
+    image_h: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    ratio: float = 0.1,
 ) -> torch.Tensor:
     """[1, channels, h, w] sin-cos embedding of the UV grid, scaled by ``ratio``."""
     grid = uv_grid(w, h, image_w / image_h, dtype, device).reshape(-1, 2)
@@ -72,7 +81,9 @@ class FusionBlock(nn.Module):
             self.resConfUnit1 = ResidualConvUnit(features)
         self.resConfUnit2 = ResidualConvUnit(features)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None, size: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None = None, size: Sequence[int] | None = None
+    ) -> torch.Tensor:
         if skip is not None:
             x = x + self.resConfUnit1(skip)
         x = self.resConfUnit2(x)

@@ -23,7 +23,9 @@ class VGGT(nn.Module):
         self.aggregator = Aggregator(cfg)
         dim = 2 * cfg.embed_dim
         self.camera_head = CameraHead(dim, cfg.camera_trunk_depth, cfg.camera_num_heads, cfg.mlp_ratio)
-        dpt = dict(patch_size=cfg.patch_size, features=cfg.dpt_features, out_channels=cfg.dpt_out_channels, taps=cfg.dpt_taps)
+        dpt = dict(
+            patch_size=cfg.patch_size, features=cfg.dpt_features, out_channels=cfg.dpt_out_channels, taps=cfg.dpt_taps
+        )
         self.point_head = DPTHead(dim, output_dim=4, activation="inv_log", **dpt)
         self.depth_head = DPTHead(dim, output_dim=2, activation="exp", **dpt)
 
@@ -63,7 +65,9 @@ class VGGT(nn.Module):
             raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
         absent = [h for h in heads if getattr(self, HEAD_MODULES[h]) is None]
         if absent:
-            raise ValueError(f"this model was built without the {', '.join(absent)} head(s) (drop_heads / load_model(heads=...))")
+            raise ValueError(
+                f"this model was built without the {', '.join(absent)} head(s) (drop_heads / load_model(heads=...))"
+            )
         if images.ndim == 4:
             images = images[None]
         if images.ndim != 5 or images.shape[2] != 3:
