@@ -121,22 +121,13 @@ def _adjust(rec: pycolmap.Reconstruction, features: FeatureSet, component: Compo
 
 
 def adjust_component(
-    features: FeatureSet,
-    component: Component,
-    w2c: np.ndarray,
-    K_f: np.ndarray,
-    loss: str,
-    work_dir: Path,
-    close_start: bool = False,
+    features: FeatureSet, component: Component, w2c: np.ndarray, K_f: np.ndarray, loss: str, work_dir: Path
 ) -> tuple[np.ndarray, np.ndarray, pycolmap.Reconstruction]:
     """Refined w2c [n, 3, 4] and feature-resolution K [n, 3, 3] of the component's views (in its own gauge), and
-    the final reconstruction with its tracks. ``close_start``: the start poses are already sub-pixel accurate (only
-    the tight rounds run)."""
+    the final reconstruction with its tracks."""
     rec = _build(features, component, w2c, K_f)
     long_side = int(features.sizes_wh[component.views].max())
     thresholds = round_thresholds_px(long_side)
-    if close_start:  # already at an SfM solution (the mapper's): loose rounds would only let outlier tracks in
-        thresholds = thresholds[-2:]
     poses_only = Component(
         component.views, component.constant_pose, np.ones_like(component.constant_focal), component.camera_group
     )

@@ -344,12 +344,9 @@ def _solve(
     the start poses): the trust region, the reprojection errors before / after and the track count."""
     from ns_extreme.posing.refine.bundle import adjust_component, observations
 
-    index = component.views
-    seeded = w2c_in is not None  # started from the mapper's SfM solution, judged against the input poses
     w2c_in = w2c_start if w2c_in is None else w2c_in
-    w2c_adj, K_f_adj, rec = adjust_component(
-        features, component, w2c_start, K_f_start, options.robust_loss, work_dir, close_start=seeded
-    )
+    index = component.views
+    w2c_adj, K_f_adj, rec = adjust_component(features, component, w2c_start, K_f_start, options.robust_loss, work_dir)
     sim = _gauge(w2c_adj, w2c_in[index], component.constant_pose, gauge_weights[index])
     w2c_new = transform_w2c_opencv(w2c_adj, sim)
     w2c_new[component.constant_pose] = w2c_in[index][component.constant_pose]
