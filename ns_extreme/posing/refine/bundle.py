@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 import pycolmap
 
 from ns_extreme.posing.refine.matching import FeatureSet, open_database, pinhole_camera
@@ -128,45 +129,16 @@ def adjust_component(
     rec = _build(features, component, w2c, K_f)
     long_side = int(features.sizes_wh[component.views].max())
     thresholds = round_thresholds_px(long_side)
-    poses_only = Component(
-        component.views, component.constant_pose, np.ones_like(component.constant_focal), component.camera_group
-    )
+    poses_only = Component(component.views, component.constant_pose, np.ones_like(component.constant_focal), component.camera_group)
     for k, threshold in enumerate(thresholds):
         rec = _triangulate(rec, features, threshold, work_dir)
         if rec.num_points3D() == 0:
             raise RuntimeError("no track could be triangulated")
         # Focal lengths trade off against depth while the structure is still wrong: free them in the last round.
-        _adjust(
-            rec, features, component if k == len(thresholds) - 1 else poses_only, loss, scale=max(1.0, threshold / 4.0)
-        )
+        _adjust(rec, features, component if k == len(thresholds) - 1 else poses_only, loss, scale=max(1.0, threshold / 4.0))
     images = [rec.images[features.image_ids[v]] for v in component.views]
     w2c_out = np.stack([image.cam_from_world().matrix() for image in images])
     K_out = np.stack([image.camera.calibration_matrix() for image in images])
     if not (np.isfinite(w2c_out).all() and np.isfinite(K_out).all()):
         raise RuntimeError("bundle adjustment produced non-finite cameras")
     return w2c_out, K_out, rec
-
-
-def map_component(
-    features: FeatureSet, component: Component, work_dir: Path
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """COLMAP's incremental mapper on the component's views alone, from scratch (no input poses): view ->
-    (w2c [3, 4], feature-resolution K) of the largest model it builds; empty when it builds none."""
-    options = pycolmap.IncrementalPipelineOptions()
-    options.image_names = [features.names[v] for v in component.views]
-    options.min_model_size = 2
-    options.random_seed = 0
-    options.ba_refine_principal_point = False
-    options.ba_refine_extra_params = False
-    out = work_dir / "mapped"
-    out.mkdir(exist_ok=True)
-    models = pycolmap.incremental_mapping(features.database, features.image_dir, out, options)
-    if not models:
-        return {}
-    best = max(models.values(), key=lambda r: r.num_reg_images())
-    mapped = {}
-    for v in component.views:
-        image = best.find_image_with_name(features.names[v])
-        if image is not None and image.has_pose:
-            mapped[v] = (image.cam_from_world().matrix(), image.camera.calibration_matrix())
-    return mapped

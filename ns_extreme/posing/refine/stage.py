@@ -130,23 +130,18 @@ def refine_poses(
     try:
         import pycolmap  # noqa: F401  (an optional native dependency at run time: never fatal)
     except ImportError as exc:
-        return unchanged(
-            w2c, K, "failed", f"refinement skipped: pycolmap cannot be imported ({exc})", "refinement failed"
-        )
+        return unchanged(w2c, K, "failed", f"refinement skipped: pycolmap cannot be imported ({exc})", "refinement failed")
     from ns_extreme.posing.refine.matching import quiet_colmap
 
     try:
         with tempfile.TemporaryDirectory(prefix="ns_extreme-refine-") as work, quiet_colmap():
-            inputs = (list(map(Path, image_paths)), np.asarray(w2c, np.float64), np.asarray(K, np.float64))
             return _refine(
-                *inputs, np.asarray(sizes_wh), options, constant_pose, constant_focal, gauge_weights, pair_scores,
-                progress, Path(work),
+                list(map(Path, image_paths)), np.asarray(w2c, np.float64), np.asarray(K, np.float64), np.asarray(sizes_wh),
+                options, constant_pose, constant_focal, gauge_weights, pair_scores, progress, Path(work),
             )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the stage must never fail the command
         message = " ".join(str(exc).split()) or type(exc).__name__
-        return unchanged(
-            w2c, K, "failed", f"refinement failed ({message}); the model's poses are kept", "refinement failed"
-        )
+        return unchanged(w2c, K, "failed", f"refinement failed ({message}); the model's poses are kept", "refinement failed")
 
 
 def _components(n: int, pairs: Sequence[Any]) -> list[list[int]]:
@@ -225,7 +220,7 @@ def _refine(
     progress: bool,
     work_dir: Path,
 ) -> Refinement:
-    from ns_extreme.posing.refine.bundle import Component, map_component
+    from ns_extreme.posing.refine.bundle import Component, adjust_component, observations
     from ns_extreme.posing.refine.cameras import camera_groups
     from ns_extreme.posing.refine.matching import extract_features, match_pairs, screen_verified_pairs, share_cameras
     from ns_extreme.posing.refine.pairs import select_pairs
@@ -269,33 +264,42 @@ def _refine(
     parts: list[SfmPoints] = []
     for index in components:
         component = Component(index, constant_pose[index], constant_focal[index], groups[index])
-        best = _solve(features, component, w2c_in, K_in, K_f_in, gauge_weights, extent, views, options, work_dir)
-        if best.num_refined < len(index):
-            # COLMAP's mapper from scratch, where the input poses were too far off for the adjustment's basin or led
-            # it astray: its cameras, placed on the input frame, seed a second adjustment; the better one is kept.
-            mapped = map_component(features, component, work_dir)
-            if len(mapped) >= 2:
-                w2c_seed, K_f_seed = _seed_from_mapper(mapped, component, w2c_in, K_f_in, gauge_weights)
-                second = _solve(
-                    features,
-                    component,
-                    w2c_seed,
-                    K_in,
-                    K_f_seed,
-                    gauge_weights,
-                    extent,
-                    views,
-                    options,
-                    work_dir,
-                    w2c_in,
-                )
-                if second.num_refined > best.num_refined:
-                    best = second
-        for v, record in best.views.items():
-            views[v] = record
-            if record.status == "refined":
-                w2c_out[v], K_out[v] = best.w2c[v], best.K[v]
-        parts.append(best.sfm)
+        w2c_adj, K_f_adj, rec = adjust_component(features, component, w2c_in, K_f_in, options.robust_loss, work_dir)
+        sim = _gauge(w2c_adj, w2c_in[index], constant_pose[index], gauge_weights[index])
+        w2c_new = transform_w2c_opencv(w2c_adj, sim)
+        w2c_new[constant_pose[index]] = w2c_in[index][constant_pose[index]]
+        K_new = features.intrinsics_at_original(np.asarray(K_f_adj), index)
+        obs = observations(rec, {features.image_ids[v]: v for v in index})
+        xyz = sim.apply(obs.xyz) if len(obs.xyz) else obs.xyz
+        obs_xy = obs.xy * features.to_original[obs.view]
+        err_after = np.zeros(len(obs.view))
+        err_before = np.zeros(len(obs.view))
+        for k, v in enumerate(index):
+            mine = obs.view == v
+            err_after[mine] = _errors_px(obs_xy[mine], xyz[obs.point[mine]], w2c_new[k], K_new[k])
+            err_before[mine] = _errors_px(obs_xy[mine], xyz[obs.point[mine]], w2c_in[v], K_in[v])
+        keep_obs = err_after <= FINAL_MAX_ERROR_PX * features.to_original[obs.view].max(axis=1)
+        for k, v in enumerate(index):
+            mine = (obs.view == v) & keep_obs
+            view = views[v]
+            view.tracks = int(mine.sum())
+            view.reproj_after_px = float(err_after[mine].mean()) if mine.any() else None
+            finite = mine & np.isfinite(err_before)
+            view.reproj_before_px = float(err_before[finite].mean()) if finite.any() else None
+            view.rotation_change_deg = float(geodesic_angle_deg(w2c_new[k, :3, :3], w2c_in[v, :3, :3]))
+            view.centre_change = float(np.linalg.norm(camera_centres_from_w2c(w2c_new[k]) - camera_centres_from_w2c(w2c_in[v])) / extent)
+            view.focal_change = float(K_new[k, 0, 0] / K_in[v, 0, 0] - 1.0)
+            reason = _reject_reason(view, options, bool(constant_pose[v]))
+            if reason is None:
+                view.status, view.reason = "refined", None
+                w2c_out[v], K_out[v] = w2c_new[k], K_new[k]
+            else:
+                view.status, view.reason = "kept", reason
+                keep_obs &= obs.view != v
+        per_point = np.bincount(obs.point[keep_obs], minlength=len(xyz))
+        sfm = SfmPoints(xyz, np.zeros((len(xyz), 3), np.uint8), np.zeros(len(xyz)), obs.point, obs.view, obs_xy)
+        sfm = sfm.subset(per_point >= 2, keep_obs)
+        parts.append(sfm)
     timings["bundle_adjustment_s"] = time.perf_counter() - t
     sfm = _concatenate(parts)
     sfm = _with_errors(sfm, w2c_out, K_out)
@@ -304,92 +308,6 @@ def _refine(
     if not any(v.status == "refined" for v in views):
         warning = "refinement kept every view's input pose (reasons per view in extreme_poses.json)"
     return Refinement(w2c_out, K_out, views, pairs, sfm, "refined", warning, timings)
-
-
-@dataclass
-class _ComponentResult:
-    views: dict[int, ViewRefinement]
-    w2c: dict[int, np.ndarray]
-    K: dict[int, np.ndarray]
-    sfm: SfmPoints
-
-    @property
-    def num_refined(self) -> int:
-        return sum(v.status == "refined" for v in self.views.values())
-
-
-def _seed_from_mapper(mapped, component, w2c_in: np.ndarray, K_f_in: np.ndarray, gauge_weights: np.ndarray):
-    """Start poses (and focal lengths) from the mapper's cameras, placed on the input frame; views the mapper did not
-    register and poses kept exactly start from their input."""
-    registered = [v for v in component.views if v in mapped]
-    weights = np.array(
-        [1e3 if c else gauge_weights[v] for v, c in zip(component.views, component.constant_pose) if v in mapped]
-    )
-    sim = sim3_from_camera_poses(np.stack([mapped[v][0] for v in registered]), w2c_in[registered], weights=weights)
-    w2c, K_f = w2c_in.copy(), K_f_in.copy()
-    for k, v in enumerate(component.views):
-        if v in mapped and not component.constant_pose[k]:
-            w2c[v] = transform_w2c_opencv(mapped[v][0], sim)
-            if not component.constant_focal[k]:
-                K_f[v] = mapped[v][1]
-    return w2c, K_f
-
-
-def _solve(
-    features, component, w2c_start: np.ndarray, K_in: np.ndarray, K_f_start: np.ndarray, gauge_weights: np.ndarray,
-    extent: float, views: list[ViewRefinement], options: RefineOptions, work_dir: Path,
-    w2c_in: Optional[np.ndarray] = None,
-) -> _ComponentResult:  # fmt: skip
-    """Adjust one component from ``w2c_start`` and judge every view against its input pose (``w2c_in``, default
-    the start poses): the trust region, the reprojection errors before / after and the track count."""
-    from ns_extreme.posing.refine.bundle import adjust_component, observations
-
-    w2c_in = w2c_start if w2c_in is None else w2c_in
-    index = component.views
-    w2c_adj, K_f_adj, rec = adjust_component(features, component, w2c_start, K_f_start, options.robust_loss, work_dir)
-    sim = _gauge(w2c_adj, w2c_in[index], component.constant_pose, gauge_weights[index])
-    w2c_new = transform_w2c_opencv(w2c_adj, sim)
-    w2c_new[component.constant_pose] = w2c_in[index][component.constant_pose]
-    K_new = features.intrinsics_at_original(np.asarray(K_f_adj), index)
-    obs = observations(rec, {features.image_ids[v]: v for v in index})
-    xyz = sim.apply(obs.xyz) if len(obs.xyz) else obs.xyz
-    obs_xy = obs.xy * features.to_original[obs.view]
-    err_after = np.zeros(len(obs.view))
-    err_before = np.zeros(len(obs.view))
-    for k, v in enumerate(index):
-        mine = obs.view == v
-        err_after[mine] = _errors_px(obs_xy[mine], xyz[obs.point[mine]], w2c_new[k], K_new[k])
-        err_before[mine] = _errors_px(obs_xy[mine], xyz[obs.point[mine]], w2c_in[v], K_in[v])
-    keep_obs = err_after <= FINAL_MAX_ERROR_PX * features.to_original[obs.view].max(axis=1)
-    result = _ComponentResult({}, {}, {}, SfmPoints.empty())
-    for k, v in enumerate(index):
-        mine = (obs.view == v) & keep_obs
-        finite = mine & np.isfinite(err_before)
-        view = ViewRefinement(
-            "kept",
-            partners=list(views[v].partners),
-            inliers=views[v].inliers,
-            tracks=int(mine.sum()),
-            reproj_after_px=float(err_after[mine].mean()) if mine.any() else None,
-            reproj_before_px=float(err_before[finite].mean()) if finite.any() else None,
-            rotation_change_deg=float(geodesic_angle_deg(w2c_new[k, :3, :3], w2c_in[v, :3, :3])),
-            centre_change=float(
-                np.linalg.norm(camera_centres_from_w2c(w2c_new[k]) - camera_centres_from_w2c(w2c_in[v])) / extent
-            ),
-            focal_change=float(K_new[k, 0, 0] / K_in[v, 0, 0] - 1.0),
-        )
-        reason = _reject_reason(view, options, bool(component.constant_pose[k]))
-        if reason is None:
-            view.status = "refined"
-            result.w2c[v], result.K[v] = w2c_new[k], K_new[k]
-        else:
-            view.reason = reason
-            keep_obs &= obs.view != v
-        result.views[v] = view
-    per_point = np.bincount(obs.point[keep_obs], minlength=len(xyz))
-    sfm = SfmPoints(xyz, np.zeros((len(xyz), 3), np.uint8), np.zeros(len(xyz)), obs.point, obs.view, obs_xy)
-    result.sfm = sfm.subset(per_point >= 2, keep_obs)
-    return result
 
 
 def _reject_reason(view: ViewRefinement, options: RefineOptions, constant: bool) -> Optional[str]:
