@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 import pycolmap
 
 from ns_extreme.posing.refine.matching import FeatureSet, open_database, pinhole_camera
@@ -129,13 +128,17 @@ def adjust_component(
     rec = _build(features, component, w2c, K_f)
     long_side = int(features.sizes_wh[component.views].max())
     thresholds = round_thresholds_px(long_side)
-    poses_only = Component(component.views, component.constant_pose, np.ones_like(component.constant_focal), component.camera_group)
+    poses_only = Component(
+        component.views, component.constant_pose, np.ones_like(component.constant_focal), component.camera_group
+    )
     for k, threshold in enumerate(thresholds):
         rec = _triangulate(rec, features, threshold, work_dir)
         if rec.num_points3D() == 0:
             raise RuntimeError("no track could be triangulated")
         # Focal lengths trade off against depth while the structure is still wrong: free them in the last round.
-        _adjust(rec, features, component if k == len(thresholds) - 1 else poses_only, loss, scale=max(1.0, threshold / 4.0))
+        _adjust(
+            rec, features, component if k == len(thresholds) - 1 else poses_only, loss, scale=max(1.0, threshold / 4.0)
+        )
     images = [rec.images[features.image_ids[v]] for v in component.views]
     w2c_out = np.stack([image.cam_from_world().matrix() for image in images])
     K_out = np.stack([image.camera.calibration_matrix() for image in images])

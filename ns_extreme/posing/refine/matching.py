@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import pycolmap
 from PIL import Image  # before pycolmap: its bundled zlib must not replace Pillow's (PNG encoding aborts)
 from tqdm.auto import tqdm
-
-import pycolmap
 
 from ns_extreme.io.images import load_rgb
 
@@ -112,7 +111,11 @@ def extract_features(
         name = f"{i:05d}.png"
         grey.save(image_dir / name, compress_level=1)
         pycolmap.extract_features(
-            database, image_dir, image_names=[name], camera_mode=pycolmap.CameraMode.PER_IMAGE, extraction_options=options
+            database,
+            image_dir,
+            image_names=[name],
+            camera_mode=pycolmap.CameraMode.PER_IMAGE,
+            extraction_options=options,
         )
         names.append(name)
         feature_sizes.append((w, h))
@@ -139,7 +142,9 @@ def extract_features(
 
 def pinhole_camera(K: np.ndarray, size_wh: Sequence[int], camera_id: int) -> pycolmap.Camera:
     params = [float(K[0, 0]), float(K[1, 1]), float(K[0, 2]), float(K[1, 2])]
-    return pycolmap.Camera(model="PINHOLE", width=int(size_wh[0]), height=int(size_wh[1]), params=params, camera_id=camera_id)
+    return pycolmap.Camera(
+        model="PINHOLE", width=int(size_wh[0]), height=int(size_wh[1]), params=params, camera_id=camera_id
+    )
 
 
 def share_cameras(features: FeatureSet, groups: np.ndarray) -> None:

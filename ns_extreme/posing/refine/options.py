@@ -45,4 +45,6 @@ class RefineOptions:
         if self.max_rotation_change <= 0 or self.max_centre_change <= 0:
             raise ValueError("--max-rotation-change and --max-centre-change must be positive")
         if self.min_inliers < 8:
-            raise ValueError(f"--min-inliers must be at least 8 (a two-view geometry needs 8 matches), got {self.min_inliers}")
+            raise ValueError(
+                f"--min-inliers must be at least 8 (a two-view geometry needs 8 matches), got {self.min_inliers}"
+            )

@@ -130,18 +130,23 @@ def refine_poses(
     try:
         import pycolmap  # noqa: F401  (an optional native dependency at run time: never fatal)
     except ImportError as exc:
-        return unchanged(w2c, K, "failed", f"refinement skipped: pycolmap cannot be imported ({exc})", "refinement failed")
+        return unchanged(
+            w2c, K, "failed", f"refinement skipped: pycolmap cannot be imported ({exc})", "refinement failed"
+        )
     from ns_extreme.posing.refine.matching import quiet_colmap
 
     try:
         with tempfile.TemporaryDirectory(prefix="ns_extreme-refine-") as work, quiet_colmap():
+            inputs = (list(map(Path, image_paths)), np.asarray(w2c, np.float64), np.asarray(K, np.float64))
             return _refine(
-                list(map(Path, image_paths)), np.asarray(w2c, np.float64), np.asarray(K, np.float64), np.asarray(sizes_wh),
-                options, constant_pose, constant_focal, gauge_weights, pair_scores, progress, Path(work),
+                *inputs, np.asarray(sizes_wh), options, constant_pose, constant_focal, gauge_weights, pair_scores,
+                progress, Path(work),
             )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the stage must never fail the command
         message = " ".join(str(exc).split()) or type(exc).__name__
-        return unchanged(w2c, K, "failed", f"refinement failed ({message}); the model's poses are kept", "refinement failed")
+        return unchanged(
+            w2c, K, "failed", f"refinement failed ({message}); the model's poses are kept", "refinement failed"
+        )
 
 
 def _components(n: int, pairs: Sequence[Any]) -> list[list[int]]:
@@ -287,7 +292,9 @@ def _refine(
             finite = mine & np.isfinite(err_before)
             view.reproj_before_px = float(err_before[finite].mean()) if finite.any() else None
             view.rotation_change_deg = float(geodesic_angle_deg(w2c_new[k, :3, :3], w2c_in[v, :3, :3]))
-            view.centre_change = float(np.linalg.norm(camera_centres_from_w2c(w2c_new[k]) - camera_centres_from_w2c(w2c_in[v])) / extent)
+            view.centre_change = float(
+                np.linalg.norm(camera_centres_from_w2c(w2c_new[k]) - camera_centres_from_w2c(w2c_in[v])) / extent
+            )
             view.focal_change = float(K_new[k, 0, 0] / K_in[v, 0, 0] - 1.0)
             reason = _reject_reason(view, options, bool(constant_pose[v]))
             if reason is None:
