@@ -332,3 +332,27 @@ def test_points_sfm_only_and_model_only(dev_small: Path) -> None:
     n_sfm = int((both.points_source == 1).sum())
     assert n_sfm == len(sfm_only.points_xyz)
     assert 0 < int((both.points_source == 0).sum()) < len(model_only.points_xyz)
+
+
+def test_refinement_stage_loads_and_warns_without_pycolmap() -> None:
+    """In a process where pycolmap never loads, the stage module itself still imports and answers with a warning."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["pycolmap"] = None
+        import numpy as np
+        from ns_extreme.posing.refine import RefineOptions, refine_poses
+        w2c = np.tile(np.eye(4)[:3], (2, 1, 1))
+        K = np.tile(np.diag([100.0, 100.0, 1.0]), (2, 1, 1))
+        sizes = np.array([[64, 48], [64, 48]])
+        result = refine_poses(["a.png", "b.png"], w2c, K, sizes, RefineOptions(), progress=False)
+        assert np.array_equal(result.w2c_opencv, w2c)
+        print(result.status, "|", result.warning)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("failed | refinement skipped: pycolmap cannot be imported")

@@ -13,12 +13,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pycolmap
+
+from ns_extreme.io.sfm_points import SfmPoints
 
 __all__ = ["ColmapModel", "SfmPoints", "build_reconstruction", "write_colmap_model", "read_colmap_model"]
 
@@ -37,38 +38,6 @@ class ColmapModel(NamedTuple):
     extra_params: list[np.ndarray]  # per image: the model's non-pinhole (distortion) parameters
     points_xyz: np.ndarray  # [M,3] float64
     points_rgb: np.ndarray  # [M,3] uint8
-
-
-@dataclass
-class SfmPoints:
-    """Triangulated points with their tracks; observations flattened, in original-resolution pixels."""
-
-    xyz: np.ndarray  # [M, 3] float64
-    rgb: np.ndarray  # [M, 3] uint8
-    error: np.ndarray  # [M] mean reprojection error in original pixels
-    obs_point: np.ndarray  # [O] index into xyz
-    obs_view: np.ndarray  # [O] index of the observing image
-    obs_xy: np.ndarray  # [O, 2] continuous pixel position, [0, W] x [0, H]
-
-    def __len__(self) -> int:
-        return len(self.xyz)
-
-    def subset(self, keep_points: np.ndarray, keep_obs: np.ndarray | None = None) -> "SfmPoints":
-        """Points ``keep_points`` (bool [M]) with their observations (and only ``keep_obs``, bool [O], if given)."""
-        obs = keep_points[self.obs_point] & (True if keep_obs is None else keep_obs)
-        new_index = np.cumsum(keep_points) - 1
-        return SfmPoints(
-            self.xyz[keep_points], self.rgb[keep_points], self.error[keep_points],
-            new_index[self.obs_point[obs]], self.obs_view[obs], self.obs_xy[obs],
-        )  # fmt: skip
-
-    def transformed(self, xyz: np.ndarray) -> "SfmPoints":
-        return SfmPoints(xyz, self.rgb, self.error, self.obs_point, self.obs_view, self.obs_xy)
-
-    @staticmethod
-    def empty() -> "SfmPoints":
-        z = np.zeros(0, dtype=np.int64)
-        return SfmPoints(np.zeros((0, 3)), np.zeros((0, 3), np.uint8), np.zeros(0), z, z, np.zeros((0, 2)))
 
 
 def _check_inputs(image_names: Sequence[str], w2c: np.ndarray, K: np.ndarray, sizes: np.ndarray) -> None:

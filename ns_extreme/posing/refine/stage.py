@@ -21,7 +21,7 @@ from ns_extreme.geometry.conventions import camera_centres_from_w2c
 from ns_extreme.geometry.projection import project_points
 from ns_extreme.geometry.rotations import geodesic_angle_deg
 from ns_extreme.geometry.sim3 import Sim3, sim3_from_camera_poses, transform_w2c_opencv
-from ns_extreme.io.colmap_model import SfmPoints
+from ns_extreme.io.sfm_points import SfmPoints
 from ns_extreme.posing.refine.options import RefineOptions
 
 FINAL_MAX_ERROR_PX = 4.0
