@@ -11,6 +11,7 @@ from typing import Literal
 import numpy as np
 
 from ns_extreme.geometry.conventions import _as_pose, camera_centres_from_w2c
+from ns_extreme.geometry.rotations import nearest_rotation
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,12 +196,7 @@ def sim3_from_camera_pairs(w2c_src: np.ndarray, w2c_dst: np.ndarray) -> Sim3:
         if sv_src[1] > 1e-6 * max(sv_src[0], 1e-300) and sv_dst[1] > 1e-6 * max(sv_dst[0], 1e-300):
             return umeyama_sim3(C_src, C_dst, with_scale=True)
     # R_dst = R_src·Rᵀ  ⇒  R = R_dstᵀ·R_src; average over cameras and project back onto SO(3).
-    M = np.einsum("nji,njk->ik", w2c_dst[:, :3, :3], w2c_src[:, :3, :3])
-    U, _, Vt = np.linalg.svd(M)
-    S = np.ones(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        S[2] = -1.0
-    R = (U * S) @ Vt
+    R = nearest_rotation(np.einsum("nji,njk->ik", w2c_dst[:, :3, :3], w2c_src[:, :3, :3]))
     spread_src = float(np.sum((C_src - C_src.mean(0)) ** 2))
     spread_dst = float(np.sum((C_dst - C_dst.mean(0)) ** 2))
     s = float(np.sqrt(spread_dst / spread_src)) if n >= 2 and spread_src > 0 and spread_dst > 0 else 1.0
@@ -223,12 +219,7 @@ def sim3_from_camera_poses(
     if len(w2c_dst) != n or n == 0:
         raise ValueError(f"need the same N ≥ 1 cameras on both sides, got {n} and {len(w2c_dst)}")
     w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64).reshape(n)
-    M = np.einsum("n,nji,njk->ik", w, w2c_dst[:, :3, :3], w2c_src[:, :3, :3])
-    U, _, Vt = np.linalg.svd(M)
-    S = np.ones(3)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        S[2] = -1.0
-    R = (U * S) @ Vt
+    R = nearest_rotation(np.einsum("n,nji,njk->ik", w, w2c_dst[:, :3, :3], w2c_src[:, :3, :3]))
     C_src = camera_centres_from_w2c(w2c_src) @ R.T
     C_dst = camera_centres_from_w2c(w2c_dst)
     if n == 1:

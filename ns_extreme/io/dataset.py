@@ -25,6 +25,7 @@ from ns_extreme.io.colmap_model import write_colmap_model
 from ns_extreme.io.depth import write_depth_npy, write_depth_png_mm
 from ns_extreme.io.images import PreprocessRecord, load_rgb
 from ns_extreme.io.ply import write_ply
+from ns_extreme.io.sfm_points import POINT_SOURCE_SFM
 from ns_extreme.io.transforms_json import apply_world_transform, write_transforms_json
 
 COLMAP_TO_NERFSTUDIO = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0]])
@@ -217,7 +218,7 @@ def write_dataset(
             extra={"ns_extreme": "extreme_poses.json"},
         )
         # SfM points go in with their tracks; the model's points, which have none, after them.
-        model_points = recon.points_source != 1
+        model_points = recon.points_source != POINT_SOURCE_SFM
         write_colmap_model(
             out / "colmap" / "sparse" / "0",
             [Path(f).name for f in image_files],

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+POINT_SOURCE_MODEL, POINT_SOURCE_SFM = 0, 1
+"""Values of the per-point ``source`` (sparse_pc.ply): the 3D model's depth, or a triangulated feature track."""
+
 
 @dataclass
 class SfmPoints:

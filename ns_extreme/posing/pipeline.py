@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ns_extreme.geometry.sim3 import sim3_from_camera_pairs, transform_w2c_opencv
 from ns_extreme.io.images import PreprocessedBatch, SkippedImage, preprocess_images, screen_images
+from ns_extreme.io.sfm_points import POINT_SOURCE_SFM
 from ns_extreme.posing.backbone import PosingBackbone
 from ns_extreme.posing.chunking import predict_in_chunks
 from ns_extreme.posing.diagnostics import pair_diagnostics
@@ -118,7 +119,13 @@ def _known_poses_stage(
 
 
 def _refinement_stage(
-    cams: _Cameras, image_paths: list[Path], sizes_wh: np.ndarray, records, options: PosingOptions, progress: bool
+    cams: _Cameras,
+    image_paths: list[Path],
+    sizes_wh: np.ndarray,
+    records,
+    valid: np.ndarray,
+    options: PosingOptions,
+    progress: bool,
 ):
     """Refine with image evidence where views overlap (never fatal: see posing.refine.stage)."""
     from ns_extreme.posing.refine import refine_poses
@@ -137,7 +144,6 @@ def _refinement_stage(
     gauge_weights = np.where(known, 1.0, 1e-3) if options.known_poses == "prior" and known.sum() >= 2 else None
     scores = None
     if n > ropts.match_partners + 1:
-        valid = np.stack([r.valid_mask_preprocessed() for r in records])
         K_pre = np.stack([r.intrinsics_to_preprocessed(k) for r, k in zip(records, cams.K)])
         scores = covisibility(cams.depth, K_pre, cams.w2c, valid, seed=options.seed)
     return refine_poses(
@@ -148,11 +154,16 @@ def _refinement_stage(
 
 
 def _points_stage(
-    cams: _Cameras, pred, batch: PreprocessedBatch, refinement, options: PosingOptions, progress: bool
+    cams: _Cameras,
+    pred,
+    batch: PreprocessedBatch,
+    valid: np.ndarray,
+    refinement,
+    options: PosingOptions,
+    progress: bool,
 ) -> PointCloud:
     """The initial point cloud: SfM points and/or the model's confidence-filtered depth points (--points)."""
     records = batch.records
-    valid = np.stack([r.valid_mask_preprocessed() for r in records])
     sfm = refinement.sfm_points if refinement is not None and len(refinement.sfm_points) else None
     mode = options.refinement.points if sfm is not None else "3dfm"
     model_cloud = PointCloud.empty()
@@ -244,14 +255,14 @@ def pose_images(
     if options.refinement.refine:
         t = time.perf_counter()
         input_w2c, input_K = cams.w2c.copy(), cams.K.copy()
-        refinement = _refinement_stage(cams, image_paths, sizes_wh, records, options, progress)
+        refinement = _refinement_stage(cams, image_paths, sizes_wh, records, valid, options, progress)
         cams.w2c, cams.K = refinement.w2c_opencv, refinement.intrinsics
         if refinement.warning:
             notes.append(refinement.warning)
         timings["refine_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    cloud = _points_stage(cams, pred, batch, refinement, options, progress)
+    cloud = _points_stage(cams, pred, batch, valid, refinement, options, progress)
     view_conf = np.array([float(pred.confidence[i][valid[i]].mean()) for i in range(len(image_paths))])
     timings["points_s"] = time.perf_counter() - t
 
@@ -264,7 +275,7 @@ def pose_images(
         timings["compare_inference_s"] = time.perf_counter() - t
 
     sfm = None
-    if refinement is not None and (cloud.source == 1).any():
+    if refinement is not None and (cloud.source == POINT_SOURCE_SFM).any():
         sfm = refinement.sfm_points
     return Reconstruction(
         image_paths=image_paths,

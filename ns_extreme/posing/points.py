@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ns_extreme.geometry.projection import unproject_depth
+from ns_extreme.io.sfm_points import POINT_SOURCE_MODEL, POINT_SOURCE_SFM
 
-SOURCE_3DFM, SOURCE_SFM = 0, 1
-"""Values of the per-point ``source`` (sparse_pc.ply): the model's depth, or a triangulated feature track."""
 _FIELDS = ("xyz", "rgb", "conf", "view", "pixel", "source")
 
 
@@ -23,7 +22,7 @@ class PointCloud:
     pixel: np.ndarray
     """[P, 2] its source pixel in that view, preprocessed (network input) resolution, pixel centres at +0.5."""
     source: np.ndarray
-    """[P] uint8 SOURCE_3DFM or SOURCE_SFM."""
+    """[P] uint8 POINT_SOURCE_MODEL or POINT_SOURCE_SFM."""
 
     @classmethod
     def empty(cls) -> "PointCloud":
@@ -76,7 +75,7 @@ def view_points(
     rows, cols = np.nonzero(keep)
     pixel = np.stack([cols + 0.5, rows + 0.5], axis=-1).astype(np.float32)
     view = np.full(len(xyz), view_index, dtype=np.int64)
-    source = np.full(len(xyz), SOURCE_3DFM, dtype=np.uint8)
+    source = np.full(len(xyz), POINT_SOURCE_MODEL, dtype=np.uint8)
     return PointCloud(xyz, image_rgb[keep], confidence[keep].astype(np.float32), view, pixel, source)
 
 
@@ -107,7 +106,7 @@ def sfm_cloud(sfm, records, confidence: np.ndarray) -> PointCloud:
         cols = np.clip(np.floor(uv[:, 0]).astype(int), 0, w - 1)
         rows = np.clip(np.floor(uv[:, 1]).astype(int), 0, h - 1)
         conf[mine] = confidence[v][rows, cols]
-    source = np.full(len(sfm), SOURCE_SFM, dtype=np.uint8)
+    source = np.full(len(sfm), POINT_SOURCE_SFM, dtype=np.uint8)
     return PointCloud(sfm.xyz.copy(), sfm.rgb.copy(), conf, view, pixel, source)
 
 
@@ -116,15 +115,17 @@ def uncovered(cloud: PointCloud, sfm, records, cell: float = 4.0) -> np.ndarray:
     holds an SfM observation of the same view: where SfM has no point, the model's point fills in."""
     keep = np.ones(len(cloud.xyz), dtype=bool)
     for v in np.unique(cloud.view):
-        mine = np.flatnonzero(cloud.view == v)
         seen = sfm.obs_view == v
         if not seen.any():
             continue
-        occupied = {
-            tuple(c) for c in np.floor(records[v].points_to_preprocessed(sfm.obs_xy[seen]) / cell).astype(np.int64)
-        }
+        h, w = records[v].final_hw
+        occupied = np.zeros((int(np.ceil(h / cell)) + 1, int(np.ceil(w / cell)) + 1), dtype=bool)
+        uv = np.floor(records[v].points_to_preprocessed(sfm.obs_xy[seen]) / cell).astype(np.int64)
+        inside = (uv[:, 0] >= 0) & (uv[:, 1] >= 0) & (uv[:, 0] < occupied.shape[1]) & (uv[:, 1] < occupied.shape[0])
+        occupied[uv[inside, 1], uv[inside, 0]] = True
+        mine = np.flatnonzero(cloud.view == v)
         cells = np.floor(cloud.pixel[mine] / cell).astype(np.int64)
-        keep[mine] = [tuple(c) not in occupied for c in cells]
+        keep[mine] = ~occupied[cells[:, 1], cells[:, 0]]
     return keep
 
 

@@ -303,13 +303,15 @@ def _refine(
             else:
                 view.status, view.reason = "kept", reason
                 keep_obs &= obs.view != v
+        # Refined views' final cameras are w2c_new / K_new, so err_after is each kept observation's final error.
         per_point = np.bincount(obs.point[keep_obs], minlength=len(xyz))
-        sfm = SfmPoints(xyz, np.zeros((len(xyz), 3), np.uint8), np.zeros(len(xyz)), obs.point, obs.view, obs_xy)
+        error_sum = np.bincount(obs.point[keep_obs], weights=err_after[keep_obs], minlength=len(xyz))
+        error = error_sum / np.maximum(per_point, 1)
+        sfm = SfmPoints(xyz, np.zeros((len(xyz), 3), np.uint8), error, obs.point, obs.view, obs_xy)
         sfm = sfm.subset(per_point >= 2, keep_obs)
         parts.append(sfm)
     timings["bundle_adjustment_s"] = time.perf_counter() - t
     sfm = _concatenate(parts)
-    sfm = _with_errors(sfm, w2c_out, K_out)
     sfm.rgb = _colours(image_paths, sfm)
     warning = None
     if not any(v.status == "refined" for v in views):
@@ -346,15 +348,3 @@ def _concatenate(parts: list[SfmPoints]) -> SfmPoints:
         np.concatenate([p.obs_view for p in parts]),
         np.concatenate([p.obs_xy for p in parts]),
     )
-
-
-def _with_errors(sfm: SfmPoints, w2c: np.ndarray, K: np.ndarray) -> SfmPoints:
-    """Each point's mean reprojection error (original pixels) over its observations with the final cameras."""
-    err = np.zeros(len(sfm.obs_view))
-    for v in np.unique(sfm.obs_view):
-        mine = sfm.obs_view == v
-        err[mine] = _errors_px(sfm.obs_xy[mine], sfm.xyz[sfm.obs_point[mine]], w2c[v], K[v])
-    total = np.bincount(sfm.obs_point, weights=err, minlength=len(sfm))
-    count = np.bincount(sfm.obs_point, minlength=len(sfm))
-    sfm.error = total / np.maximum(count, 1)
-    return sfm
