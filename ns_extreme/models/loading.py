@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ns_extreme.models.bias import AlignmentReport, apply_bias_tensors, read_bias_checkpoint
-from ns_extreme.models.layers import Linear, store_weights_in
+from ns_extreme.models.layers import narrowable_linears, store_weights_in
 from ns_extreme.models.registry import ModelSpec, get_spec
 from ns_extreme.models.weights import WeightsReader, check_state_dict, fingerprint, resolve_weights
 
@@ -66,7 +66,7 @@ def _stored_narrow(model: nn.Module, dtype: torch.dtype, storage_dtype: Optional
     """State-dict keys that ``store_weights_in`` would narrow: read them in ``storage_dtype`` directly."""
     if storage_dtype is None or storage_dtype == dtype:
         return set()
-    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
+    return {f"{name}.weight" for name, _ in narrowable_linears(model)}
 
 
 def load_model(
