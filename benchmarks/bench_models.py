@@ -32,7 +32,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     with Stopwatch(device) as load:
         model = load_model(
             spec["model"], weights="random", alignment="pretrained" if spec.get("tiny") else "aligned", device=device,
-            dtype=prec.params, storage_dtype=prec.weights, heads=adapter.heads,
+            dtype=prec.params, storage_dtype=prec.weights, narrow_heads=prec.narrow_heads, heads=adapter.heads,
             config=get_spec(spec["model"]).tiny_config() if spec.get("tiny") else None,
         )  # fmt: skip
     load_peak = mem.peak_mb()

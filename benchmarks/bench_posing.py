@@ -60,6 +60,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 dtype=prec.params,
                 config=model_config(spec["config"]),
                 storage_dtype=prec.weights,
+                narrow_heads=prec.narrow_heads,
                 heads=("camera", "depth"),
             )
         else:
@@ -71,6 +72,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 dtype=prec.params,
                 config=model_config(spec["config"]),
                 storage_dtype=prec.weights,
+                narrow_heads=prec.narrow_heads,
                 heads=("camera", "depth"),
             )
             get_spec("vggt").make_outputs_plausible(model)  # random weights: keep the fields of view valid

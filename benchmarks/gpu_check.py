@@ -81,6 +81,7 @@ def load(name: str, size: str, device: torch.device, precision: str, heads=None)
         prec.params,
         spec.tiny_config() if size == "tiny" else None,
         storage_dtype=prec.weights,
+        narrow_heads=prec.narrow_heads,
         heads=heads,
     )
     return model.eval(), prec

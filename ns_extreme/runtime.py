@@ -101,6 +101,9 @@ class Precision:
     """dtype of every other parameter and of the model's inputs (``load_model(dtype=...)``)."""
     autocast: Optional[torch.dtype]
     """Autocast dtype for the forward pass, or None."""
+    narrow_heads: bool = False
+    """Store the heads' matrices in ``weights`` too (``load_model(narrow_heads=...)``). Under autocast the heads
+    keep float32 weights and arithmetic, as the reference; without autocast narrowing them only saves memory."""
 
     @property
     def compute(self) -> torch.dtype:
@@ -115,7 +118,7 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
     f32 = torch.float32
     table = {
         "fp32": Precision("fp32", f32, f32, None),
-        "bf16-weights": Precision("bf16-weights", torch.bfloat16, f32, None),
+        "bf16-weights": Precision("bf16-weights", torch.bfloat16, f32, None, narrow_heads=True),
         "bf16": Precision("bf16", torch.bfloat16, f32, torch.bfloat16),
         "fp16": Precision("fp16", torch.float16, f32, torch.float16),
     }

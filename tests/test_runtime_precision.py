@@ -106,3 +106,23 @@ def test_this_machine_agrees_with_its_own_flags():
     elif "avx512f" not in flags:  # no AVX-512 at all: torch's probe cannot see AMX or AVX-512 BF16 either
         assert not runtime.cpu_has_fast_bf16()
         assert runtime.resolve_precision("auto", torch.device("cpu")).name == "fp32"
+
+
+def test_bf16_precision_keeps_the_heads_float32_and_bf16_weights_narrows_them():
+    """--dtype bf16 (autocast): the aggregator's matrices bf16, the camera head's float32 (the reference recipe);
+    --dtype bf16-weights (no autocast, least memory): every Linear matrix bf16."""
+    from ns_extreme.cli.process import PoseModelOptions, load_backbones
+    from ns_extreme.models.layers import Linear
+
+    def dtypes(precision: str) -> dict[str, set]:
+        opts = PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype=precision)
+        backbone, _, _ = load_backbones(opts, say=lambda _: None)
+        found: dict[str, set] = {}
+        for name, module in backbone.model.named_modules():
+            if isinstance(module, Linear):
+                found.setdefault(name.split(".")[0], set()).add(module.weight.dtype)
+        return found
+
+    assert dtypes("bf16") == {"aggregator": {torch.bfloat16}, "camera_head": {torch.float32}}
+    assert dtypes("bf16-weights") == {"aggregator": {torch.bfloat16}, "camera_head": {torch.bfloat16}}
+    assert dtypes("fp32") == {"aggregator": {torch.float32}, "camera_head": {torch.float32}}

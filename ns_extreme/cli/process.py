@@ -142,6 +142,7 @@ def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say
             model_config,
             storage_dtype=precision.weights,
             heads=adapter.heads,
+            narrow_heads=precision.narrow_heads,
         )
 
     model = build(alignment)
