@@ -340,7 +340,13 @@ def machine_label(env: dict[str, Any]) -> str:
         where = f"GPU {env['gpu']}"
     else:
         bf16 = env.get("cpu_fast_bf16")
-        kind = "unknown bf16" if bf16 is None else ("fast bf16: " + "/".join(env["cpu_bf16_flags"]) if bf16 else "")
+        if bf16 is None and env.get("cpu_capability") in ("AVX2", "DEFAULT", "NO AVX"):
+            bf16 = False  # older records: no AVX-512 at all, so neither AMX nor AVX-512 BF16
+        kind = (
+            "unknown bf16"
+            if bf16 is None
+            else ("fast bf16: " + "/".join(env.get("cpu_bf16_flags", [])) if bf16 else "")
+        )
         kind = kind or f"no fast bf16 ({env.get('cpu_capability')})"
         where = f"{env.get('cpu_model') or env.get('machine')}, {kind}"
     return f"{where}; torch {env.get('torch')}, {env.get('threads')} threads"
