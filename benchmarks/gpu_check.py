@@ -79,7 +79,7 @@ def load(name: str, size: str, device: torch.device, precision: str, heads=None)
         "pretrained",
         device,
         prec.params,
-        spec.tiny_config() if size == "tiny" else None,
+        spec.config(size),
         storage_dtype=prec.weights,
         narrow_heads=prec.narrow_heads,
         heads=heads,
@@ -97,11 +97,11 @@ def forward(model, name: str, images: torch.Tensor, compute: torch.dtype) -> dic
 
 
 def run_forward(cfg: dict, device: torch.device, budget: Budget) -> dict:
-    from ns_extreme.posing.backbone import BACKBONES
+    from ns_extreme.models import get_spec
 
     rows = []
     for name in MODELS:
-        model, prec = load(name, cfg["size"], device, "auto", heads=BACKBONES[name].heads)
+        model, prec = load(name, cfg["size"], device, "auto", heads=get_spec(name).posing_heads)
         mem = Memory(device)
         forward(model, name, example_frames(2, *cfg["hw"]).to(device), prec.compute)  # warm-up (kernels, caches)
         for S in cfg["frames"]:

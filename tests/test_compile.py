@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ns_extreme.cli.process import PoseModelOptions, load_backbones
 from ns_extreme.cli.runtime import user_error_message
 from ns_extreme.models.compiled import CompileUnavailableError, compile_for_inference, cpu_compiler
+from ns_extreme.posing.loading import load_backbone
+from ns_extreme.posing.model_options import PoseModelOptions
 
 TINY = dict(model_size="tiny", weights="random", alignment="pretrained", device="cpu", dtype="fp32")
 
@@ -17,14 +18,14 @@ def test_compile_without_a_cpu_compiler_is_a_one_line_user_error(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert cpu_compiler() is None
     with pytest.raises(CompileUnavailableError, match="needs a C\\+\\+ compiler") as info:
-        load_backbones(PoseModelOptions(compile=True, **TINY), say=lambda _: None)
+        load_backbone(PoseModelOptions(compile=True, **TINY), say=lambda _: None)
     message = user_error_message(info.value, "out of memory")
     assert message is not None and "run without --compile" in message
 
 
 def test_compile_is_off_by_default_and_leaves_the_model_eager():
     assert PoseModelOptions().compile is False
-    backbone, _, _ = load_backbones(PoseModelOptions(**TINY), say=lambda _: None)
+    backbone, _, _ = load_backbone(PoseModelOptions(**TINY), say=lambda _: None)
     assert getattr(backbone.model, "_compiled_call_impl", None) is None
 
 

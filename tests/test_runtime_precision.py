@@ -111,12 +111,13 @@ def test_this_machine_agrees_with_its_own_flags():
 def test_bf16_precision_keeps_the_heads_float32_and_bf16_weights_narrows_them():
     """--dtype bf16 (autocast): the aggregator's matrices bf16, the camera head's float32 (the reference recipe);
     --dtype bf16-weights (no autocast, least memory): every Linear matrix bf16."""
-    from ns_extreme.cli.process import PoseModelOptions, load_backbones
     from ns_extreme.models.layers import Linear
+    from ns_extreme.posing.loading import load_backbone
+    from ns_extreme.posing.model_options import PoseModelOptions
 
     def dtypes(precision: str) -> dict[str, set]:
         opts = PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype=precision)
-        backbone, _, _ = load_backbones(opts, say=lambda _: None)
+        backbone, _, _ = load_backbone(opts, say=lambda _: None)
         found: dict[str, set] = {}
         for name, module in backbone.model.named_modules():
             if isinstance(module, Linear):
