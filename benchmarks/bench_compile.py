@@ -37,7 +37,7 @@ HEADS = ("camera", "depth")
 
 
 def _diff(out: dict, ref: dict) -> dict[str, float]:
-    from ns_extreme.models.registry import w2c_rotations_from_pose_encoding
+    from ns_extreme.models.rotation_readers import w2c_rotations_from_pose_encoding
 
     R, R0 = (w2c_rotations_from_pose_encoding(o["pose_enc"])[0].double() for o in (out, ref))
     rel, rel0 = (r[:, None] @ r[None].transpose(-1, -2) for r in (R, R0))
@@ -79,14 +79,15 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         return sw.wall, {k: v.float() for k, v in out.items() if torch.is_tensor(v)}
 
     result: dict[str, Any] = {"precision": prec.name, "frames": spec["frames"], "config": spec["config"]}
-    eager = [run() for _ in range(2)]
+    repeats = spec.get("repeats", 2)
+    eager = [run() for _ in range(repeats)]
     result["eager_s"] = statistics.median(t for t, _ in eager)
     result["eager_peak_mb"] = mem.peak_mb()
     ref = eager[-1][1]
     if spec.get("reference"):
         result.update(_diff(ref, torch.load(spec["reference"])))
     if prec.autocast is not None:
-        dense = [run(dense_autocast=True) for _ in range(2)]
+        dense = [run(dense_autocast=True) for _ in range(repeats)]
         result["eager_dense_autocast_s"] = statistics.median(t for t, _ in dense)
         result["dense_autocast_depth_rel_diff_median"] = float(
             ((dense[-1][1]["depth"] - ref["depth"]).abs() / ref["depth"].abs()).median()
@@ -96,7 +97,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         mem.reset()
         first, out = run()
         result["compile_first_call_s"] = first
-        compiled = [run() for _ in range(2)]
+        compiled = [run() for _ in range(repeats)]
         result["compiled_s"] = statistics.median(t for t, _ in compiled)
         result["compiled_peak_mb"] = mem.peak_mb()
         result["compiled_vs_eager_max_abs_diff"] = float((compiled[-1][1]["pose_enc"] - ref["pose_enc"]).abs().max())
@@ -143,17 +144,22 @@ def main() -> None:
     parser.add_argument("--config", default="small", choices=("tiny", "small", "full"))
     parser.add_argument("--frames", type=int, default=2)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-compile", action="store_true", help="eager only (precision comparison)")
+    parser.add_argument("--compile", default="fp32,bf16", help="precisions to compile too ('' = eager only)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
+    parser.add_argument("--name", default="compile", help="results file name: results/<name>_<device>.*")
     args = parser.parse_args()
     device = torch.device(args.device)
-    base = {"device": args.device, "config": args.config, "frames": args.frames, "compile": not args.no_compile}
+    base = {"device": args.device, "config": args.config, "frames": args.frames, "repeats": args.repeats}
+    compiled = set(filter(None, args.compile.split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         reference = str(Path(tmp) / "fp32_outputs.pt")
-        results = [run_worker(Path(__file__), {**base, "precision": "fp32", "save_reference": reference})]
-        results.append(run_worker(Path(__file__), {**base, "precision": "bf16", "reference": reference}))
+        fp32 = {**base, "precision": "fp32", "save_reference": reference, "compile": "fp32" in compiled}
+        results = [run_worker(Path(__file__), fp32)]
+        bf16 = {**base, "precision": "bf16", "reference": reference, "compile": "bf16" in compiled}
+        results.append(run_worker(Path(__file__), bf16))
     env = environment(device)
     data = {"environment": env, "results": results}
-    j, m = write_results("compile", device, data, markdown(data, env))
+    j, m = write_results(args.name, device, data, markdown(data, env))
     print(m.read_text())
 
 

@@ -111,6 +111,7 @@ def _bf16_rounded_fraction(t: torch.Tensor) -> float:
     return float((t == t.bfloat16().float()).float().mean())
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_bf16_autocast_runs_the_heads_in_float32_as_the_reference(tiny):
     """Under bf16 autocast only the aggregator is narrow: the forward equals aggregator-under-autocast followed by
     the float32 heads (bit for bit), the pose encodings are float32 and not bf16-rounded, and the outputs stay
@@ -136,6 +137,7 @@ def test_bf16_autocast_runs_the_heads_in_float32_as_the_reference(tiny):
     assert not torch.equal(mixed["pose_enc"], fp32["pose_enc"])  # the autocast really ran
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_dense_heads_autocast_is_the_measured_exception(tiny):
     x = torch.rand(1, 2, 3, 42, 56, generator=torch.Generator().manual_seed(8))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -146,6 +148,7 @@ def test_dense_heads_autocast_is_the_measured_exception(tiny):
     assert not torch.equal(recipe["depth"], narrow["depth"])
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_narrow_storage_keeps_the_heads_float32_and_matches_plain_autocast(tiny):
     """``bf16`` precision = bf16 Linear matrices in the aggregator + autocast: the same numbers as the reference's
     float32 weights under autocast (autocast rounds them identically), with the heads' weights untouched."""
