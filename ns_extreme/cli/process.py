@@ -188,6 +188,9 @@ class ExtremePoses:
     """Replace an existing output folder."""
     verbose: bool = False
     """Log more, and print tracebacks on errors."""
+    collective_timeout: float = 1800.0
+    """Under torchrun: seconds a rank waits for the others (e.g. for rank 0 loading images) before it stops with
+    an error (a rank that died or hangs)."""
 
     def _check_paths(self) -> list[Path]:
         """Check the input and output before any model is loaded; returns the images to pose.
@@ -273,7 +276,9 @@ class ExtremePoses:
     def _console(self):
         from rich.console import Console
 
-        return Console(soft_wrap=True)
+        from ns_extreme.distributed import env_rank
+
+        return Console(soft_wrap=True, quiet=env_rank() != 0)  # under torchrun only rank 0 speaks
 
     def main(self) -> None:
         self._frames_dir: Optional[Path] = None
@@ -303,14 +308,24 @@ class ExtremePoses:
         if self.posing.poses_from is not None and not Path(self.posing.poses_from).exists():
             raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")
 
-        fetch_weights(self.backbone)
-        with console.status(f"loading {self.backbone.model} model ..."):
-            t = time.perf_counter()
-            backbone, compare, report = load_backbones(self.backbone, self.compare_pretrained, say=console.print)
-            load_s = time.perf_counter() - t
-        console.print(escape(report.summary()))  # names the weights' licence
+        from ns_extreme import distributed
+        from ns_extreme.runtime import resolve_device
 
-        recon = pose_images(images, backbone, self.posing, compare_backbone=compare, progress=True)
+        with distributed.process_group(resolve_device(self.backbone.device), self.collective_timeout) as spread:
+            if spread:
+                distributed.check_same_on_all_ranks("options or images", [jsonable(self), [str(p) for p in images]])
+            fetch_weights(self.backbone)
+            with console.status(f"loading {self.backbone.model} model ..."):
+                t = time.perf_counter()
+                backbone, compare, report = load_backbones(self.backbone, self.compare_pretrained, say=console.print)
+                load_s = time.perf_counter() - t
+            console.print(escape(report.summary()))  # names the weights' licence
+            main = distributed.is_main_process()
+            recon = pose_images(
+                images, backbone, self.posing, compare_backbone=compare, progress=main, distribute=spread
+            )
+        if recon is None:  # a rank other than 0: its chunks went to rank 0, which writes the dataset
+            return
         recon.timings["model_load_s"] = load_s
         for note in recon.warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(note)}")

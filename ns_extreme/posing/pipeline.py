@@ -27,7 +27,9 @@ from ns_extreme.posing.points import PointCloud, limit_points, sfm_cloud, uncove
 from ns_extreme.posing.reconstruction import Reconstruction
 
 
-def _run_backbone(backbone: PosingBackbone, batch: PreprocessedBatch, options: PosingOptions, progress: bool):
+def _run_backbone(
+    backbone: PosingBackbone, batch: PreprocessedBatch, options: PosingOptions, progress: bool, distribute: bool
+):
     bar = tqdm(total=1, desc=f"inference ({backbone.name})", unit="pass", disable=not progress)
 
     def on_chunk(done: int, total: int) -> None:
@@ -45,9 +47,12 @@ def _run_backbone(backbone: PosingBackbone, batch: PreprocessedBatch, options: P
             on_chunk,
             options.seed,
             valid,
+            distribute,
         )
     finally:
         bar.close()
+    if pred is None:  # a rank other than 0 under torchrun: its chunks went to rank 0
+        return None, []
     if pred.intrinsics is None:
         # Backbones without an intrinsics head recover them inside predict() (Pi3Backbone: focal.recover_focal),
         # because chunked inference needs them per pass to join chunks.
@@ -198,7 +203,8 @@ def pose_images(
     compare_backbone: Optional[PosingBackbone] = None,
     progress: bool = True,
     skip_bad_images: bool = True,
-) -> Reconstruction:
+    distribute: bool = False,
+) -> Optional[Reconstruction]:
     """Pose ``image_paths`` (at least 2) with ``backbone``; ``compare_backbone`` adds a second pose set.
 
     ``skip_bad_images`` (the documented fallback): files that cannot be read (empty, corrupt, truncated,
@@ -206,6 +212,9 @@ def pose_images(
     ``recon.warnings`` and listed in ``recon.provenance["skipped_images"]``; a ValueError only if fewer than 2
     usable images remain. ``recon.image_paths`` holds the posed images. ``False``: the first bad file raises
     ``ImageReadError`` and duplicates are posed as given.
+
+    ``distribute`` (a process group is up, torchrun): the inference chunks (``--max-frames-per-pass``) are spread
+    over the ranks; rank 0 joins them and runs every later stage, the other ranks return None.
     """
     options = options or PosingOptions()
     image_paths = [Path(p) for p in image_paths]
@@ -236,8 +245,15 @@ def pose_images(
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pred, residuals = _run_backbone(backbone, batch, options, progress)
+    pred, residuals = _run_backbone(backbone, batch, options, progress, distribute)
     timings["inference_s"] = time.perf_counter() - t
+    other = None
+    if compare_backbone is not None:  # here, so that all ranks share both inference passes and then stop
+        t = time.perf_counter()
+        other, _ = _run_backbone(compare_backbone, batch, options, progress, distribute)
+        timings["compare_inference_s"] = time.perf_counter() - t
+    if pred is None:
+        return None
 
     K_predicted = np.stack([r.intrinsics_to_original(k) for r, k in zip(records, pred.intrinsics)])
     K, sources = choose_intrinsics(options.intrinsics, K_predicted, sizes_wh, image_paths)
@@ -267,12 +283,9 @@ def pose_images(
     timings["points_s"] = time.perf_counter() - t
 
     pretrained_w2c = None
-    if compare_backbone is not None:
-        t = time.perf_counter()
-        other, _ = _run_backbone(compare_backbone, batch, options, progress)
+    if other is not None:
         # Express the pretrained poses in the same world, so that both sets can be drawn together.
         pretrained_w2c = transform_w2c_opencv(other.w2c_opencv, sim3_from_camera_pairs(other.w2c_opencv, cams.w2c))
-        timings["compare_inference_s"] = time.perf_counter() - t
 
     sfm = None
     if refinement is not None and (cloud.source == POINT_SOURCE_SFM).any():
