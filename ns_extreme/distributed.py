@@ -39,6 +39,7 @@ __all__ = [
     "broadcast_object",
     "check_same_on_all_ranks",
     "fingerprint",
+    "file_fingerprint",
     "shard",
 ]
 
@@ -179,10 +180,9 @@ def gather_object(obj: T) -> Optional[list[T]]:
     """Every rank's ``obj`` in rank order on rank 0 (None on the others); ``[obj]`` in one process."""
     if not is_initialized():
         return [obj]
-    # all_gather_object rather than gather_object: NCCL has no gather of objects (and the objects gathered here
-    # are results of a few MB at most, see the README)
-    gathered = all_gather_object(obj)
-    return gathered if is_main_process() else None
+    out: Optional[list[Any]] = [None] * world_size() if is_main_process() else None
+    _collective("gather", lambda: dist.gather_object(obj, out, dst=0))
+    return out
 
 
 def broadcast_object(obj: T) -> T:
@@ -197,6 +197,15 @@ def broadcast_object(obj: T) -> T:
 def fingerprint(value: Any) -> str:
     """A short hash of a JSON-serialisable value (keys sorted), to compare set-ups across ranks."""
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_fingerprint(path: str | os.PathLike[str]) -> str:
+    """``fingerprint`` of a file's bytes ("missing" when it cannot be read: the command reports that itself)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+        return "missing"
 
 
 def check_same_on_all_ranks(what: str, value: Any) -> None:

@@ -509,7 +509,7 @@ class Trainer:
             )
         check_output_location(self.output_dir, "--output-dir", inside=True)  # before the model loads
         distributed.check_same_on_all_ranks(
-            "options or pair lists", {"options": cfg.to_json(), "pairs": _file_digest(cfg.pairs)}
+            "options or pair lists", {"options": cfg.to_json(), "pairs": distributed.file_fingerprint(cfg.pairs)}
         )
         self.resume_path = existing[-1][1] if (cfg.resume and existing) else None
         ckpt = read_train_checkpoint(self.resume_path) if self.resume_path is not None else None
@@ -794,13 +794,6 @@ class Trainer:
             model=self.model,
             optimizer=self.optimizer,
         )
-
-
-def _file_digest(path: Path) -> str:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return "missing"  # load_pair_list reports it
 
 
 def _make_logger(cfg: TrainConfig, output_dir: Path, purge_step: Optional[int], config: dict[str, Any], main: bool):
