@@ -719,7 +719,9 @@ class Trainer:
     def train(self) -> TrainResult:
         cfg = self.cfg
         main = distributed.is_main_process()
-        logger = _make_logger(cfg, self.output_dir, self.step if self.resumed else None, self.run_config(), main)
+        # a resumed run drops the logged points after its checkpoint (written by the steps it repeats)
+        purge = self.step + 1 if self.resumed else None
+        logger = _make_logger(cfg, self.output_dir, purge, self.run_config(), main)
         stop = _StopFlag()
         stopped = False
         last_ckpt: Optional[Path] = self.resume_path
