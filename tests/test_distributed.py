@@ -284,13 +284,34 @@ def test_ranks_with_different_options_are_refused(pair_file, tiny_weights, tmp_p
     assert not (tmp_path / "o" / "config.json").exists()
 
 
+def test_wandb_logger_is_optional(pair_file, tiny_weights, tmp_path, monkeypatch) -> None:  # noqa: F811
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="--logger wandb needs the wandb package"):
+        train_cfg(pair_file, tiny_weights, tmp_path / "w", logger="wandb").validate()
+
+
+@pytest.mark.slow
+def test_wandb_logger_offline(pair_file, tiny_weights, tmp_path, monkeypatch) -> None:  # noqa: F811
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    result = train(train_cfg(pair_file, tiny_weights, tmp_path / "w", logger="wandb", max_steps=2))
+    assert result.step == 2
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert not list((tmp_path / "w").glob("events.out.tfevents*"))
+
+
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
 def test_two_rank_eval_equals_one_process(one_process, pair_file, tiny_weights, tmp_path) -> None:  # noqa: F811
     tuned = one_process[0] / "biases.pth"
     common = dict(pairs=pair_file, weights=str(tiny_weights), model_size="tiny", image_size=56, device="cpu")
-    models = ("pretrained", f"tuned={tuned}")
+    models = (f"tuned={tuned}",)
     ref = evaluate(EvalConfig(models=models, output_dir=tmp_path / "one", progress=False, plots=False, **common))
     args = ["eval", "--pairs", str(pair_file), "--weights", str(tiny_weights), "--model-size", "tiny"]
     args += ["--image-size", "56", "--device", "cpu", "--no-progress", "--no-plots", "--output-dir"]
@@ -304,6 +325,7 @@ def test_two_rank_eval_equals_one_process(one_process, pair_file, tiny_weights, 
     assert two == one
     assert one["num_pairs"] == 6 and len(one["pairs"]) == 6
     assert all(p["errors_deg"]["tuned"] is not None for p in two["pairs"])
+    assert len({p["errors_deg"]["tuned"] for p in two["pairs"]}) == 6  # real, distinct numbers per pair
 
 
 # ------------------------------------------------------------------------------------------------ posing
