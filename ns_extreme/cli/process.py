@@ -184,6 +184,9 @@ class ExtremePoses:
     """Also run the pretrained (unaligned) model and store its poses in extreme_poses.json for comparison."""
     depth_format: Literal["png", "npy", "none"] = "png"
     """Per-view depth maps: 16-bit PNG in millimetres of the dataset unit, float32 .npy, or none."""
+    num_downscales: int = 3
+    """Also write images_2, images_4, ... images_(2**N) downscaled copies (as nerfstudio's ns-process-data does;
+    gsplat --data_factor N, nerfstudio --downscale-factor N); 0 = none."""
     overwrite: bool = False
     """Replace an existing output folder."""
     verbose: bool = False
@@ -252,6 +255,20 @@ class ExtremePoses:
                 "can be used, posing needs at "
                 f"least 2 (skipped: {shown}); replace or remove the unreadable files, or add more photos"
             )
+        if self.num_downscales < 0:
+            raise ValueError(f"--num-downscales must be 0 or more, got {self.num_downscales}")
+        if self.posing.masks is not None:
+            from ns_extreme.io.masks import mask_files_by_stem
+
+            mask_files_by_stem(self.posing.masks, list(screen.usable))
+        from ns_extreme.posing.metric_scale import ScaleFromDistance, parse_scale_from
+
+        spec = parse_scale_from(self.posing.scale_from)
+        names = [p.name for p in screen.usable]
+        if isinstance(spec, ScaleFromDistance):
+            for name in (spec.a, spec.b):
+                if name not in names:
+                    raise ValueError(f"--scale-from: no photo in --data is named {name!r}")
         return list(screen.usable)
 
     def _extract_video_frames(self, video: Path) -> Path:
@@ -340,7 +357,12 @@ class ExtremePoses:
         with console.status("writing dataset ..."):
             t = time.perf_counter()
             out = write_dataset(
-                recon, self.output_dir, overwrite=self.overwrite, depth_format=self.depth_format, extra_provenance=extra
+                recon,
+                self.output_dir,
+                overwrite=self.overwrite,
+                depth_format=self.depth_format,
+                extra_provenance=extra,
+                num_downscales=self.num_downscales,
             )
             write_s = time.perf_counter() - t
 
