@@ -8,6 +8,7 @@ the analytic scene gives exact depths and points, the reference cameras the pose
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +219,154 @@ def test_masked_regions_get_no_sift_features(tmp_path: Path, herz: Reference) ->
         right = db.read_keypoints(features.image_ids[1])[:, 0] * features.to_original[1, 0]
     assert len(left) > 100 and left.min() >= 384 - 2
     assert right.min() < 300
+
+
+# ---------------------------------------------------------------------------------------------- level world
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.degrees(np.arccos(np.clip(a @ b / np.linalg.norm(a) / np.linalg.norm(b), -1.0, 1.0))))
+
+
+def _mean_up(w2c: np.ndarray) -> np.ndarray:
+    """Mean of the cameras' up vectors (OpenCV -y axis in the world), computed here independently."""
+    up = -w2c[:, 1, :3].sum(0)
+    return up / np.linalg.norm(up)
+
+
+def test_orient_up_levels_the_world_and_none_keeps_the_first_camera(herz: Reference, tmp_path: Path) -> None:
+    kept = _pose(herz, orient="none")
+    np.testing.assert_allclose(kept.w2c_opencv[0], np.eye(4)[:3], atol=1e-9)
+    tilt = _angle_deg(_mean_up(kept.w2c_opencv), np.array([0.0, -1.0, 0.0]))
+    assert tilt > 1.0  # the first camera's frame is not level: the test is not vacuous
+    level = _pose(herz)
+    assert _angle_deg(_mean_up(level.w2c_opencv), np.array([0.0, -1.0, 0.0])) < 1e-6  # gravity along +y
+    # a pure rotation of the same world: relative poses and scale unchanged
+    R = level.w2c_opencv[0, :3, :3].T
+    np.testing.assert_allclose(kept.w2c_opencv[:, :3, :3] @ R.T, level.w2c_opencv[:, :3, :3], atol=1e-9)
+    np.testing.assert_allclose(camera_centres(kept.w2c_opencv) @ R.T, camera_centres(level.w2c_opencv), atol=1e-9)
+    out = write_dataset(level, tmp_path / "dataset", num_downscales=0)
+    frames = json.loads((out / "transforms.json").read_text())["frames"]
+    up = np.sum([np.asarray(f["transform_matrix"])[:3, 1] for f in frames], axis=0)  # OpenGL camera y = up
+    assert _angle_deg(up, np.array([0.0, 0.0, 1.0])) < 1e-6
+    world = json.loads((out / "extreme_poses.json").read_text())["world_frame"]
+    assert world["orientation"]["method"] == "cameras" and world["scale"]["method"] == "none"
+
+
+@dataclass(frozen=True)
+class GroundScene(SphereScene):
+    """The spheres plus a ground plane {X : normal·X = offset} (normal = up)."""
+
+    normal: np.ndarray = None  # type: ignore[assignment]
+    offset: float = 0.0
+
+    def raycast(self, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+        t_spheres = super().raycast(origin, dirs)
+        denom = dirs @ self.normal
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = (self.offset - float(origin @ self.normal)) / denom
+        return np.minimum(t_spheres, np.where(t > 0, t, np.inf))
+
+
+def test_ground_plane_levels_a_world_whose_cameras_are_tilted(dev_small: Path) -> None:
+    """Every camera pitched down 12° against gravity (looking down at the scene from a height): the ground plane,
+    fitted to the points, gives the true up where the cameras' mean up is 12° off."""
+    ref = load_reference(dev_small / FOUNTAIN).subset([0, 3, 6, 9])
+    cam_up = _mean_up(ref.w2c)
+    axis = np.cross(cam_up, ref.w2c[0, 2, :3])  # horizontal axis: tilting about it pitches every camera
+    axis /= np.linalg.norm(axis)
+    a = np.radians(-12.0)
+    true_up = cam_up * np.cos(a) + np.cross(axis, cam_up) * np.sin(a)
+    C = ref.centres
+    big = make_scene(ref.w2c).spheres[0]
+    assert _angle_deg(true_up, ref.w2c[0, 2, :3]) > 95.0  # the optical axis points below the horizon
+    scene = GroundScene((big,), normal=true_up, offset=float((C @ true_up).min() - 0.3 * ref.extent))
+    recon = _pose(ref, scene=scene)
+    assert recon.provenance["world_frame"]["orientation"]["method"] == "ground-plane"
+    sim = umeyama(camera_centres(recon.w2c_opencv), ref.centres)  # output world -> reference world
+    up_out = sim.R.T @ true_up
+    assert _angle_deg(up_out, np.array([0.0, -1.0, 0.0])) < 1.0
+    assert _angle_deg(_mean_up(recon.w2c_opencv), np.array([0.0, -1.0, 0.0])) > 10.0
+
+
+# ---------------------------------------------------------------------------------------------- real scale
+
+_M_PER_REF_UNIT = 3.7
+
+
+def _enu_to_lla(enu: np.ndarray, lat0: float, lon0: float, alt0: float) -> np.ndarray:
+    """Local ENU metres -> (lat°, lon°, alt m) with WGS84's radii of curvature at the origin (exact to ~1e-9 m/m over
+    tens of metres), written independently of ns_extreme.posing.metric_scale."""
+    a, e2 = 6378137.0, 6.69437999014e-3
+    phi = np.radians(lat0)
+    w = np.sqrt(1.0 - e2 * np.sin(phi) ** 2)
+    meridian, normal = a * (1.0 - e2) / w**3, a / w
+    lat = lat0 + np.degrees(enu[:, 1] / (meridian + alt0))
+    lon = lon0 + np.degrees(enu[:, 0] / ((normal + alt0) * np.cos(phi)))
+    return np.stack([lat, lon, alt0 + enu[:, 2]], axis=-1)
+
+
+def _dms(value: float) -> tuple[float, float, float]:
+    d = int(value)
+    m = int((value - d) * 60)
+    return float(d), float(m), round((value - d - m / 60.0) * 3600.0, 6)
+
+
+@pytest.fixture(scope="module")
+def gps_scene(herz: Reference, tmp_path_factory) -> Reference:
+    """Copies of the photos with EXIF GPS: reference centres in metres (x 3.7), in a rotated ENU frame, plus noise."""
+    folder = tmp_path_factory.mktemp("gps")
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    R = np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - w * z), 2 * (x * z + w * y)],
+            [2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)],
+            [2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+    enu = _M_PER_REF_UNIT * herz.centres @ R.T
+    enu += rng.normal(scale=0.003 * _M_PER_REF_UNIT * herz.extent, size=enu.shape)
+    lla = _enu_to_lla(enu - enu[0], 48.8867, 2.3431, 130.0)
+    paths = []
+    for path, (lat, lon, alt) in zip(herz.paths, lla):
+        exif = Image.Exif()
+        gps = exif.get_ifd(0x8825)
+        gps.update({1: "N", 2: _dms(lat), 3: "E", 4: _dms(lon), 5: b"\x00", 6: float(alt)})
+        Image.open(path).save(folder / path.name, quality=95, exif=exif)
+        paths.append(folder / path.name)
+    return Reference(folder, herz.names, paths, herz.w2c, herz.K, herz.sizes_wh)
+
+
+def test_exif_gps_gives_the_reference_scale_in_metres(gps_scene: Reference, tmp_path: Path) -> None:
+    recon = _pose(gps_scene, scale_from="exif-gps")
+    sim = umeyama(camera_centres(recon.w2c_opencv), gps_scene.centres)
+    assert 1.0 / sim.s == pytest.approx(_M_PER_REF_UNIT, rel=0.01)
+    scale = recon.provenance["world_frame"]["scale"]
+    assert scale["method"] == "exif-gps" and len(scale["residuals_m"]) == 4
+    assert scale["median_residual_m"] < 0.02 * _M_PER_REF_UNIT * gps_scene.extent
+    # depth PNGs in real millimetres (read back in metres; the 16-bit PNG ends at 65.535 m)
+    out = write_dataset(recon, tmp_path / "dataset", num_downscales=0)
+    frame = json.loads((out / "transforms.json").read_text())["frames"][1]
+    depth_m = read_depth_png_mm(out / frame["depth_file_path"])
+    i = [p.name for p in gps_scene.paths].index(Path(frame["file_path"]).name)
+    rows, cols = np.nonzero((depth_m > 0) & (depth_m < 65.0))
+    pick = np.random.default_rng(0).choice(len(rows), 200, replace=False)
+    uv = np.stack([cols[pick] + 0.5, rows[pick] + 0.5], -1)
+    truth_m = make_scene(gps_scene.w2c).depth(gps_scene.w2c[i], gps_scene.K[i], uv) * _M_PER_REF_UNIT
+    assert np.median(depth_m[rows[pick], cols[pick]] / truth_m) == pytest.approx(1.0, rel=0.01)
+
+
+def test_known_distance_sets_the_scale(herz: Reference) -> None:
+    recon = _pose(herz, scale_from=f"{herz.names[0]},{herz.names[2]}, 2.5")
+    C = camera_centres(recon.w2c_opencv)
+    assert np.linalg.norm(C[0] - C[2]) == pytest.approx(2.5, rel=1e-9)
+    with pytest.raises(ValueError, match="no posed photo is named 'nope.jpg'"):
+        _pose(herz, scale_from=f"{herz.names[0]},nope.jpg,2.5")
+    for bad in ("gps", "a.jpg,b.jpg", "a.jpg,b.jpg,-1", "a.jpg,a.jpg,2"):
+        with pytest.raises(ValueError, match="--scale-from must be exif-gps or A.jpg,B.jpg,METRES"):
+            PosingOptions(scale_from=bad)
+    with pytest.raises(ValueError, match="cannot be used with --poses-from"):
+        PosingOptions(scale_from="exif-gps", poses_from=Path("model"))
