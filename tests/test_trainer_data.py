@@ -370,3 +370,79 @@ def test_known_distance_sets_the_scale(herz: Reference) -> None:
             PosingOptions(scale_from=bad)
     with pytest.raises(ValueError, match="cannot be used with --poses-from"):
         PosingOptions(scale_from="exif-gps", poses_from=Path("model"))
+
+
+# ---------------------------------------------------------------------------------------------- lens distortion
+
+
+def _dots(size_wh, uv: np.ndarray, radius: float = 4.0) -> np.ndarray:
+    """A white image with black discs (anti-aliased by 4x supersampling) centred at continuous positions ``uv``."""
+    w, h = int(size_wh[0]), int(size_wh[1])
+    ss, r = 4, int(radius) + 2
+    img = np.full((h, w), 255.0)
+    for u, v in uv:
+        c0, r0 = int(u) - r, int(v) - r
+        yy, xx = np.mgrid[0 : 2 * r * ss, 0 : 2 * r * ss]
+        x, y = c0 + (xx + 0.5) / ss, r0 + (yy + 0.5) / ss
+        cover = (((x - u) ** 2 + (y - v) ** 2) < radius**2).reshape(2 * r, ss, 2 * r, ss).mean(axis=(1, 3))
+        img[r0 : r0 + 2 * r, c0 : c0 + 2 * r] -= 255.0 * cover
+    return np.repeat(img[..., None], 3, -1).round().astype(np.uint8)
+
+
+def _centroids(img: np.ndarray, uv_guess: np.ndarray, window: int = 12) -> np.ndarray:
+    dark = 255.0 - img[..., 0].astype(np.float64)
+    out = []
+    for u, v in uv_guess:
+        c0, r0 = int(u) - window, int(v) - window
+        patch = dark[r0 : r0 + 2 * window, c0 : c0 + 2 * window]
+        yy, xx = np.mgrid[r0 : r0 + 2 * window, c0 : c0 + 2 * window]
+        out.append([(patch * (xx + 0.5)).sum() / patch.sum(), (patch * (yy + 0.5)).sum() / patch.sum()])
+    return np.asarray(out)
+
+
+def test_opencv_distortion_is_undone_and_known_points_reproject(herz: Reference, tmp_path: Path) -> None:
+    """A reference camera with OPENCV distortion: a photo of known points taken through it is undistorted, and the
+    points reproject through the new pinhole camera within 0.5 px."""
+    import cv2
+
+    from ns_extreme.io.undistort import parse_lens, undistort_photo
+
+    K, (w, h) = herz.K[0], herz.sizes_wh[0]
+    coeffs = [-0.12, 0.05, 0.001, -0.0015]
+    lens = parse_lens("OPENCV", ",".join(map(str, [K[0, 0], K[1, 1], K[0, 2], K[1, 2], *coeffs])))
+    # known points: a grid of directions in the camera (pinhole pixels of the undistorted camera K)
+    gu, gv = np.meshgrid(np.linspace(0.1 * w, 0.9 * w, 7), np.linspace(0.12 * h, 0.88 * h, 5))
+    rays = np.stack([gu.ravel(), gv.ravel(), np.ones(gu.size)], -1) @ np.linalg.inv(K).T
+    K_cv = K.copy()
+    K_cv[:2, 2] -= 0.5
+    distorted, _ = cv2.projectPoints(rays, np.zeros(3), np.zeros(3), K_cv, np.array(coeffs))
+    uv_distorted = distorted.reshape(-1, 2) + 0.5
+    Image.fromarray(_dots((w, h), uv_distorted)).save(tmp_path / "distorted.png")
+    new_K = undistort_photo(tmp_path / "distorted.png", tmp_path / "undistorted.png", lens)
+    uv_expected = rays @ new_K.T
+    uv_expected = uv_expected[:, :2] / uv_expected[:, 2:]
+    found = _centroids(np.asarray(Image.open(tmp_path / "undistorted.png")), uv_expected)
+    errors = np.linalg.norm(found - uv_expected, axis=1)
+    assert errors.max() < 0.5, errors
+    # not vacuous: the distortion moved the points by pixels
+    assert np.linalg.norm(uv_distorted - np.stack([gu.ravel(), gv.ravel()], -1), axis=1).max() > 10
+
+
+def test_fisheye_becomes_a_pinhole_view_of_the_documented_field_of_view(herz: Reference, tmp_path: Path) -> None:
+    import cv2
+
+    from ns_extreme.io.undistort import parse_lens, undistort_photo
+
+    (w, h), f = herz.sizes_wh[0], 300.0
+    coeffs = [0.05, -0.01, 0.002, -0.0005]
+    lens = parse_lens("OPENCV_FISHEYE", ",".join(map(str, [f, f, w / 2, h / 2, *coeffs])))
+    gu, gv = np.meshgrid(np.linspace(-0.8, 0.8, 5), np.linspace(-0.5, 0.5, 3))  # x/z, y/z of the rays
+    rays = np.stack([gu.ravel(), gv.ravel(), np.ones(gu.size)], -1)
+    K_cv = np.array([[f, 0, w / 2 - 0.5], [0, f, h / 2 - 0.5], [0, 0, 1.0]])
+    fish, _ = cv2.fisheye.projectPoints(rays[:, None], np.zeros(3), np.zeros(3), K_cv, np.array(coeffs))
+    Image.fromarray(_dots((w, h), fish.reshape(-1, 2) + 0.5)).save(tmp_path / "fisheye.png")
+    new_K = undistort_photo(tmp_path / "fisheye.png", tmp_path / "pinhole.png", lens, fisheye_fov_deg=100.0)
+    assert np.degrees(2 * np.arctan(w / 2 / new_K[0, 0])) == pytest.approx(100.0)
+    uv_expected = (rays @ new_K.T)[:, :2]
+    found = _centroids(np.asarray(Image.open(tmp_path / "pinhole.png")), uv_expected)
+    assert np.linalg.norm(found - uv_expected, axis=1).max() < 0.5
