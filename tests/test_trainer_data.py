@@ -367,9 +367,9 @@ def test_known_distance_sets_the_scale(herz: Reference) -> None:
         _pose(herz, scale_from=f"{herz.names[0]},nope.jpg,2.5")
     for bad in ("gps", "a.jpg,b.jpg", "a.jpg,b.jpg,-1", "a.jpg,a.jpg,2"):
         with pytest.raises(ValueError, match="--scale-from must be exif-gps or A.jpg,B.jpg,METRES"):
-            PosingOptions(scale_from=bad)
+            _pose(herz, scale_from=bad)
     with pytest.raises(ValueError, match="cannot be used with --poses-from"):
-        PosingOptions(scale_from="exif-gps", poses_from=Path("model"))
+        PosingOptions(scale_from="exif-gps", poses_from=Path("model")).check_world_options()
 
 
 # ---------------------------------------------------------------------------------------------- lens distortion

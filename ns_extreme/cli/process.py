@@ -275,6 +275,7 @@ class ExtremePoses:
             mask_files_by_stem(self.posing.masks, list(screen.usable))
         from ns_extreme.posing.metric_scale import ScaleFromDistance, parse_scale_from
 
+        self.posing.check_world_options()
         spec = parse_scale_from(self.posing.scale_from)
         names = [p.name for p in screen.usable]
         if isinstance(spec, ScaleFromDistance):

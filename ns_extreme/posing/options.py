@@ -54,6 +54,13 @@ class PosingOptions:
     refinement: Annotated[RefineOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=RefineOptions)
     """Refinement with image evidence (SfM-grade poses where views overlap)."""
 
+    def check_world_options(self) -> None:
+        """--scale-from is well-formed and not combined with --poses-from (checked before images are loaded; not
+        in ``__post_init__``, where tyro would turn the error into a usage box)."""
+        parse_scale_from(self.scale_from)
+        if self.scale_from and self.poses_from is not None:
+            raise ValueError("--scale-from cannot be used with --poses-from: a given world keeps its own units")
+
     def __post_init__(self) -> None:
         # Fail on a bad option before any image is loaded or the model runs.
         if self.preprocess not in ("crop", "pad"):
@@ -67,9 +74,6 @@ class PosingOptions:
             raise ValueError(
                 f"--max-frames-per-pass ({self.max_frames_per_pass}) must exceed --chunk-overlap ({self.chunk_overlap})"
             )
-        parse_scale_from(self.scale_from)
-        if self.scale_from and self.poses_from is not None:
-            raise ValueError("--scale-from cannot be used with --poses-from: a given world keeps its own units")
         if self.orient not in ("up", "none"):
             raise ValueError(f"--orient must be up or none, got {self.orient!r}")
         if self.chunk_overlap < 1:

@@ -211,6 +211,7 @@ def pose_images(
     ``ImageReadError`` and duplicates are posed as given.
     """
     options = options or PosingOptions()
+    options.check_world_options()
     image_paths = [Path(p) for p in image_paths]
     if len(image_paths) < 2:
         raise ValueError(f"posing needs at least 2 images, got {len(image_paths)}")
