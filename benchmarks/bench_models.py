@@ -22,18 +22,19 @@ MODELS = ("vggt", "pi3")
 
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from ns_extreme.models import get_spec, load_model
-    from ns_extreme.posing.backbone import BACKBONES
+    from ns_extreme.models.registry import resolve
     from ns_extreme.runtime import resolve_precision
 
     device = torch.device(spec["device"])
     prec = resolve_precision(spec["precision"], device)
-    adapter = BACKBONES[spec["model"]]
+    model_spec = get_spec(spec["model"])
+    adapter = resolve(model_spec.posing_adapter)
     mem = Memory(device)
     with Stopwatch(device) as load:
         model = load_model(
             spec["model"], weights="random", alignment="pretrained" if spec.get("tiny") else "aligned", device=device,
-            dtype=prec.params, storage_dtype=prec.weights, heads=adapter.heads,
-            config=get_spec(spec["model"]).tiny_config() if spec.get("tiny") else None,
+            dtype=prec.params, storage_dtype=prec.weights, heads=model_spec.posing_heads,
+            config=model_spec.config("tiny" if spec.get("tiny") else "full"),
         )  # fmt: skip
     load_peak = mem.peak_mb()
     backbone = adapter(model, dtype=prec.compute, name=spec["model"])
@@ -60,7 +61,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         "model": spec["model"],
         "frames": spec["frames"],
         "precision": prec.name,
-        "heads": list(adapter.heads) if adapter.heads else ["all"],
+        "heads": list(model_spec.posing_heads) if model_spec.posing_heads else ["all"],
         "parameters": sum(p.numel() for p in model.parameters()),
         "load_s": load.wall,
         "forward_s": forward.wall,

@@ -40,7 +40,8 @@ from _common import (  # noqa: E402
 def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     from ns_extreme.io.dataset import write_dataset
     from ns_extreme.io.images import scan_images
-    from ns_extreme.models import get_spec, load_model
+    from ns_extreme.models import load_model
+    from ns_extreme.models.testing import make_outputs_plausible
     from ns_extreme.posing import pose_images
     from ns_extreme.posing.backbone import VGGTBackbone
     from ns_extreme.posing.options import PosingOptions
@@ -73,7 +74,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 storage_dtype=prec.weights,
                 heads=("camera", "depth"),
             )
-            get_spec("vggt").make_outputs_plausible(model)  # random weights: keep the fields of view valid
+            make_outputs_plausible("vggt", model)  # random weights: keep the fields of view valid
     load_peak = mem.peak_mb()
     backbone = VGGTBackbone(model, dtype=prec.compute, target_size=spec["target_size"])
     paths = sorted(scan_images(Path(spec["images"])).images)[: spec.get("limit") or None]

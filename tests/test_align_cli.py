@@ -185,13 +185,24 @@ def test_in_process_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
         (["pairs", "--sources", str(dev_small / CASTLE), "--k", "0"], "--k"),
         (["eval", "--pairs", str(tmp_path / "x.json"), "--models", "mine=/no/such.pth"], "not found"),
         (["train", "--pairs", str(tmp_path / "x.json"), "--lr", "-1"], "--lr"),
-        (["train", "--pairs", str(tmp_path / "x.json"), "--model", "nosuchmodel"], "unknown model"),
         (["train", "--preset", str(tmp_path / "nopreset.yaml"), "--pairs", "x.json"], "preset file not found"),
     ]
     for argv, fragment in cases:
         assert cli.main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and fragment in err[0], (argv, err)
+
+
+@pytest.mark.parametrize("command", ["pairs", "train", "eval"])
+def test_model_choices_come_from_the_registry(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from ns_extreme.models import MODELS
+
+    args = ["--sources", "x"] if command == "pairs" else ["--pairs", "x.json"]
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, *args, "--model", "nosuchmodel"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "nosuchmodel" in err and all(repr(name) in err for name in MODELS), err
 
 
 def parse_with_preset(argv: list[str]) -> object:

@@ -89,7 +89,7 @@ def test_paper_bias_names_match_released_pi3_checkpoint(bias_ckpts: Path) -> Non
     assert sum(params[n].numel() for n in names) == 82_944
     assert (
         train_mod.model_config_for("pi3", "tiny") == Pi3Config.tiny()
-        and train_mod.model_config_for("pi3", "full") is None
+        and train_mod.model_config_for("pi3", "full") == Pi3Config()
     )
 
 

@@ -23,7 +23,8 @@ from ns_extreme.align.pairs import PairFileError, PairList, mine_pairs, views_fr
 from ns_extreme.align.train import TrainConfig, find_checkpoints, lr_factor, read_train_checkpoint, train
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
 from ns_extreme.models import get_spec, load_model
-from ns_extreme.models.registry import VGGT_SPEC, w2c_rotations_from_pose_encoding
+from ns_extreme.models.registry import VGGT_SPEC
+from ns_extreme.models.rotation_readers import w2c_rotations_from_pose_encoding
 from ns_extreme.models.vggt import VGGT, VGGTConfig
 
 CASTLE = "strecha_castle-P19_odd9"

@@ -246,7 +246,7 @@ def random_state(name: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Tiny-config state dict with every parameter perturbed (no zeros, nothing bf16-representable)."""
     spec = get_spec(name)
     torch.manual_seed(seed)
-    model = spec.build(spec.tiny_config())
+    model = spec.build(spec.config("tiny"))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -268,7 +268,7 @@ def tiny_files(tmp_path_factory):
 
 
 def tiny_load(name: str, path, **kwargs):
-    return load_model(name, weights=path, alignment="pretrained", config=get_spec(name).tiny_config(), **kwargs)
+    return load_model(name, weights=path, alignment="pretrained", config=get_spec(name).config("tiny"), **kwargs)
 
 
 def linear_weight_names(model: torch.nn.Module) -> set[str]:

@@ -294,12 +294,12 @@ def test_low_memory_precision_builds_only_the_posing_heads():
     import numpy as np
     import torch
 
-    from ns_extreme.cli.process import PoseModelOptions, load_backbones
     from ns_extreme.models.layers import Linear
+    from ns_extreme.posing import PoseModelOptions, load_backbone
 
     def backbone_for(dtype: str):
         opts = PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype=dtype)
-        return load_backbones(opts, say=lambda s: None)
+        return load_backbone(opts, say=lambda s: None)
 
     (full, _, _), (lean, _, report) = backbone_for("fp32"), backbone_for("bf16-weights")
     assert full.model.point_head is None and lean.model.point_head is None  # posing never runs it
@@ -320,9 +320,9 @@ def test_tiny_wiring_model_gives_finite_sane_cameras():
     import numpy as np
     import torch
 
-    from ns_extreme.cli.process import PoseModelOptions, load_backbones
+    from ns_extreme.posing import PoseModelOptions, load_backbone
 
-    backbone, _, report = load_backbones(
+    backbone, _, report = load_backbone(
         PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype="fp32"), say=lambda s: None
     )
     assert report.alignment is None  # the released alignment does not fit the tiny model

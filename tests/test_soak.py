@@ -40,8 +40,8 @@ def rss_mb() -> float:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 def test_pose_and_write_200_times_without_memory_growth(tmp_path: Path) -> None:
-    from ns_extreme.cli.process import PoseModelOptions, load_backbones
     from ns_extreme.io.dataset import write_dataset
+    from ns_extreme.posing import PoseModelOptions, load_backbone
     from ns_extreme.posing.options import PosingOptions
     from ns_extreme.posing.pipeline import pose_images
     from ns_extreme.posing.refine import RefineOptions
@@ -57,7 +57,7 @@ def test_pose_and_write_200_times_without_memory_growth(tmp_path: Path) -> None:
             paths.append(images / f"{i}.jpg")
             Image.fromarray(rgb).save(paths[-1])
         (images / "notes.txt").write_text("skipped")  # not passed: the CLI filters by extension
-        backbone, _, _ = load_backbones(
+        backbone, _, _ = load_backbone(
             PoseModelOptions(model_size="tiny", weights="random", device="cpu", dtype="fp32"), say=lambda s: None
         )
         options = PosingOptions(max_points=5000, refinement=RefineOptions(refine=False))

@@ -28,6 +28,8 @@ from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
+import tyro
+from typing_extensions import Annotated
 
 from ns_extreme.align.console import say
 from ns_extreme.align.data import PairDataset, collate_pairs, load_pair_list, resolve_images_root
@@ -36,7 +38,8 @@ from ns_extreme.align.train import ModelSize, model_config_for
 from ns_extreme.geometry.rotations import geodesic_angle_deg, relative_rotation
 from ns_extreme.io.atomic import atomic_write_json, check_output_location
 from ns_extreme.models import get_spec, load_model
-from ns_extreme.models.registry import CAMERA_HEADS, W2cRotationReader
+from ns_extreme.models.registry import CAMERA_HEADS, ModelName, model_choices_help
+from ns_extreme.models.rotation_readers import W2cRotationReader
 from ns_extreme.runtime import DeviceName, DtypeName, resolve_device, resolve_dtype
 
 __all__ = [
@@ -67,8 +70,7 @@ class EvalConfig:
     max_pairs: Optional[int] = None
     """Evaluate only the first N pairs."""
 
-    model: str = "vggt"
-    """Backbone: `vggt` or `pi3`."""
+    model: Annotated[ModelName, tyro.conf.arg(help=model_choices_help())] = "vggt"
     weights: Optional[str] = None
     """Base weights: Hugging Face id, local file/folder, or `random` (default: the model's official weights)."""
     model_size: ModelSize = "full"

@@ -41,7 +41,9 @@ from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
+import tyro
 from torch import nn
+from typing_extensions import Annotated
 
 from ns_extreme.align.console import say
 from ns_extreme.align.data import (
@@ -56,7 +58,7 @@ from ns_extreme.align.loss import IterationWeighting, rotation_loss
 from ns_extreme.io.atomic import atomic_write_json, check_output_location, torch_save_atomic
 from ns_extreme.models import get_spec, load_model
 from ns_extreme.models.bias import BiasSet, bias_state_dict, write_bias_checkpoint
-from ns_extreme.models.registry import CAMERA_HEADS
+from ns_extreme.models.registry import CAMERA_HEADS, ModelName, ModelSizeName, model_choices_help
 from ns_extreme.runtime import DeviceName, resolve_device
 
 __all__ = [
@@ -77,7 +79,7 @@ CHECKPOINT_FORMAT = "ns_extreme.align.train"
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"^step-(\d+)\.ckpt$")
 
-ModelSize = Literal["full", "tiny"]
+ModelSize = ModelSizeName
 
 
 @dataclass
@@ -98,8 +100,10 @@ class TrainConfig:
     max_pairs: Optional[int] = None
     """Use only the first N pairs of the list (smoke tests)."""
 
-    model: str = "vggt"
-    """Backbone: `vggt` or `pi3` (π³: no first-camera anchor term, it has no reference view)."""
+    model: Annotated[
+        ModelName,
+        tyro.conf.arg(help=model_choices_help() + " Models without a reference view get no first-camera anchor term."),
+    ] = "vggt"
     weights: Optional[str] = None
     """Base weights: Hugging Face id, local file/folder, or `random` (default: the model's official weights)."""
     model_size: ModelSize = "full"
@@ -231,15 +235,8 @@ class TrainResult:
 
 
 def model_config_for(model: str, size: ModelSize) -> Any:
-    """Model sizes by name: None = the full-size default; tiny = ``ModelSpec.tiny_config()``."""
-    if size == "full":
-        return None
-    if size == "tiny":
-        config = get_spec(model).tiny_config()
-        if config is None:
-            raise ValueError(f"no tiny configuration for model {model!r}")
-        return config
-    raise ValueError(f"unknown model size {size!r}; choose full or tiny")
+    """The config of ``model`` at ``size`` (``ModelSpec.config``)."""
+    return get_spec(model).config(size)
 
 
 def select_bias_names(model: nn.Module, model_name: str, bias_set: tuple[str, ...] | list[str]) -> list[str]:

@@ -41,6 +41,7 @@ from ns_extreme.align.evaluate import EvalConfig
 from ns_extreme.align.train import TrainConfig
 from ns_extreme.cli.presets import find_preset, load_preset, preset_default
 from ns_extreme.cli.runtime import rearm_interrupt_signals, run_guarded
+from ns_extreme.models.registry import MODELS, ModelName
 
 __all__ = ["PairsConfig", "entrypoint", "main", "command_type", "preset_defaults", "build_pairs"]
 
@@ -81,7 +82,7 @@ class PairsConfig:
     """Seed of the (deterministic) subset selection."""
     allow_pickle: bool = False
     """Allow loading pickled .npy pair files (unpickling can run arbitrary code: only for files you trust)."""
-    model: Literal["vggt", "pi3"] = "vggt"
+    model: ModelName = "vggt"
     """Backbone the list is for. Mining uses only the cameras, so one list serves train and eval of every model
     and the written file is the same for each; accepted so that a workflow's commands all take --model."""
 
@@ -280,7 +281,9 @@ OUT_OF_MEMORY = (
 DESCRIPTION = (
     "Bias alignment of 3D foundation models for extreme-view relative pose (Ext-3DFMs, arXiv 2511.22686): "
     "`pairs` builds labelled pair lists, `train` tunes the paper's bias subset with the rotation-only geodesic loss, "
-    "`eval` reports MRE / RA15 / RA30 per overlap class. Backbones: `--model vggt` (default) or `--model pi3`."
+    "`eval` reports MRE / RA15 / RA30 per overlap class. Backbones: "
+    + ", ".join(f"`--model {name}`" for name in MODELS)
+    + " (default: vggt)."
 )
 
 

@@ -17,17 +17,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import tyro
 from typing_extensions import Annotated
 
 from ns_extreme.cli.runtime import jsonable, rearm_interrupt_signals, run_cli
 from ns_extreme.io.video import DEFAULT_NUM_FRAMES_TARGET, VIDEO_SUFFIXES, is_video_file
+from ns_extreme.posing.model_options import PoseModelOptions
 from ns_extreme.posing.options import PosingOptions
 
-TINY_TARGET_SIZE = 140
-"""Network input width used with ``--model-size tiny`` (a multiple of the 14-pixel patch; keeps tests fast)."""
 OUT_OF_MEMORY = (
     "out of memory while posing; try --max-frames-per-pass 16 (overlapping chunks), "
     "--dtype bf16-weights (about half the memory), --dtype bf16/fp16 on a GPU, or fewer images"
@@ -38,30 +37,6 @@ def peak_memory_mb() -> float:
     """Peak resident memory of this process in MB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
-
-
-@dataclass
-class PoseModelOptions:
-    """Which backbone to run and where (shared by ``extreme-poses`` and the ``extreme3d`` dataparser)."""
-
-    model: Literal["vggt", "pi3"] = "vggt"
-    """Backbone: vggt (VGGT-1B, predicts intrinsics) or pi3 (reference-free; focal lengths recovered
-    from its point maps)."""
-    weights: Optional[str] = None
-    """Base weights: a Hugging Face id, a local .safetensors/.pt/.pth file or folder, or 'random' (default: the model's
-    official weights: facebook/VGGT-1B for vggt, yyfz233/Pi3 for pi3)."""
-    alignment: str = "aligned"
-    """aligned: the paper's bias checkpoint for this model; pretrained: unmodified weights; or a path to a bias
-    checkpoint (from ns-extreme-align)."""
-    model_size: Literal["full", "tiny"] = "full"
-    """Model size. 'tiny' is a few-MB wiring-test model for the test-suite only (use with --weights random);
-    its poses mean nothing."""
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    """Where to run the model (auto: cuda, then mps, then cpu)."""
-    dtype: Literal["auto", "fp32", "bf16-weights", "bf16", "fp16"] = "auto"
-    """Precision. fp32: exact. bf16-weights: linear-layer weights stored in bfloat16, float32 arithmetic (about half
-    the memory, for CPUs without fast bfloat16 or when memory is short). bf16 / fp16: narrow weights and
-    autocast. auto: bf16 (fp16 without bf16 support) on CUDA, bf16 on CPUs with AMX / AVX-512 BF16, else fp32."""
 
 
 _UNSUPPORTED = {
@@ -103,52 +78,6 @@ def refinement_summary(recon: Any) -> str:
         f"{ref.num_refined} views refined, {len(ref.views) - ref.num_refined} kept{error}, "
         f"{len(ref.sfm_points):,} SfM points ({recon.timings.get('refine_s', 0.0):.1f} s)"
     )
-
-
-def load_backbones(opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print):
-    """Load the model(s) named by ``opts``; returns (backbone, compare_backbone or None, load report)."""
-
-    from ns_extreme.models import get_spec, load_model
-    from ns_extreme.posing.backbone import BACKBONES
-    from ns_extreme.runtime import resolve_device, resolve_precision
-
-    spec = get_spec(opts.model)
-    device = resolve_device(opts.device)
-    precision = resolve_precision(opts.dtype, device)
-    adapter = BACKBONES[opts.model]
-    model_config = None
-    target_size = 518
-    alignment: Optional[str] = opts.alignment
-    tiny = opts.model_size == "tiny"
-    if tiny:
-        model_config, target_size = spec.tiny_config(), TINY_TARGET_SIZE
-        if alignment == "aligned":
-            say("note: --model-size tiny: the released alignment does not fit the tiny model; using pretrained biases")
-            alignment = "pretrained"
-    weights = opts.weights or spec.default_weights
-
-    def build(align: Optional[str]):
-        return load_model(
-            opts.model,
-            weights,
-            align,
-            device,
-            precision.params,
-            model_config,
-            storage_dtype=precision.weights,
-            heads=adapter.heads,
-        )
-
-    model = build(alignment)
-    report = model.load_report
-    backbone = adapter(model, dtype=precision.compute, target_size=target_size, name=opts.model)
-    compare = None
-    if compare_pretrained:
-        if alignment in (None, "pretrained"):
-            raise ValueError("--compare-pretrained needs an alignment to compare with (not --alignment pretrained)")
-        other = build("pretrained")
-        compare = adapter(other, dtype=precision.compute, target_size=target_size, name=f"{opts.model}-pretrained")
-    return backbone, compare, report
 
 
 def fetch_weights(opts: PoseModelOptions) -> None:
@@ -352,6 +281,7 @@ class ExtremePoses:
         images = self._check_paths()  # before the slow imports: a mistyped path is reported at once
 
         from ns_extreme.io.dataset import write_dataset
+        from ns_extreme.posing.loading import load_backbone
         from ns_extreme.posing.pipeline import pose_images
 
         rearm_interrupt_signals()  # pycolmap (imported by write_dataset) replaces the SIGTERM handler
@@ -362,7 +292,7 @@ class ExtremePoses:
         fetch_weights(self.backbone)
         with console.status(f"loading {self.backbone.model} model ..."):
             t = time.perf_counter()
-            backbone, compare, report = load_backbones(self.backbone, self.compare_pretrained, say=console.print)
+            backbone, compare, report = load_backbone(self.backbone, self.compare_pretrained, say=console.print)
             load_s = time.perf_counter() - t
         console.print(escape(report.summary()))  # names the weights' licence
 

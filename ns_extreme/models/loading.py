@@ -13,7 +13,8 @@ from torch import nn
 
 from ns_extreme.models.bias import AlignmentReport, apply_bias_tensors, read_bias_checkpoint
 from ns_extreme.models.layers import Linear, store_weights_in
-from ns_extreme.models.registry import ModelSpec, get_spec
+from ns_extreme.models.registry import Backbone3DFM, ModelSpec, get_spec
+from ns_extreme.models.testing import make_outputs_plausible
 from ns_extreme.models.weights import WeightsReader, check_state_dict, fingerprint, resolve_weights
 
 logger = logging.getLogger(__name__)
@@ -56,10 +57,8 @@ def resolve_alignment(spec: ModelSpec, alignment: str | Path | None) -> Optional
     return Path(alignment)
 
 
-def _drop_heads(model: nn.Module, heads: Optional[Iterable[str]]) -> list[str]:
-    if heads is None or not hasattr(model, "drop_heads"):
-        return []
-    return model.drop_heads(heads)
+def _drop_heads(model: Backbone3DFM, heads: Optional[Iterable[str]]) -> list[str]:
+    return [] if heads is None else model.drop_heads(heads)
 
 
 def _stored_narrow(model: nn.Module, dtype: torch.dtype, storage_dtype: Optional[torch.dtype]) -> set[str]:
@@ -90,8 +89,7 @@ def load_model(
     transformer's linear layers (>95 % of the weights) in this narrower dtype and widen them per call: half the weight
     memory with ``dtype`` arithmetic.
 
-    ``heads`` (VGGT): build only these heads, e.g. ``("camera", "depth")`` for posing; the others' weights are
-    skipped (models without ``drop_heads`` ignore it).
+    ``heads``: build only these heads, e.g. ``("camera", "depth")`` for posing; the others' weights are skipped.
 
     Weights files are streamed one tensor at a time straight into the target dtype and assigned to a model
     built on the meta device: no second copy of the weights is ever held.
@@ -102,7 +100,7 @@ def load_model(
     if weights == RANDOM_WEIGHTS:
         torch.manual_seed(seed)
         model = spec.build(config)
-        spec.make_outputs_plausible(model)
+        make_outputs_plausible(name, model)
         _drop_heads(model, heads)
         model.to(device=device, dtype=dtype)
     else:

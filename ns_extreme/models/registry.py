@@ -1,151 +1,166 @@
-"""What ns_extreme knows about each backbone: default weights, licence, released alignment, bias set, and how to
-read its predicted camera rotations (the one model-specific step of alignment training and evaluation)."""
+"""The one table that names each backbone: ``MODELS``, a ``ModelSpec`` per model name.
+
+A spec says everything the rest of ns_extreme needs to know about a backbone: how to build it and its configs
+(``full`` and the few-MB ``tiny`` of the same architecture), the posing adapter and the heads posing runs, the
+network input size, the network priors it accepts, how to read its predicted rotations, its default weights and
+licence, and the paper's alignment checkpoint. Every command line builds its ``--model`` choices from it.
+
+This module imports neither torch nor any model: command lines read it to check their arguments before anything
+heavy loads. Classes and functions are named as ``"module:attribute"`` and imported on first use, which also keeps
+the layering (``ns_extreme.posing`` sits above ``ns_extreme.models`` and is only named here, never imported).
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Optional, Protocol
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+if TYPE_CHECKING:
+    import torch
 
-from ns_extreme.geometry.rotations_torch import quat_xyzw_to_matrix_torch
-from ns_extreme.models.bias import BiasSet
+    from ns_extreme.models.bias import BiasSet
+    from ns_extreme.models.rotation_readers import W2cRotationReader
 
 CAMERA_HEADS = ("camera",)
 """The heads every backbone runs for rotation-only alignment and evaluation (``model(images, heads=CAMERA_HEADS)``)."""
 
-W2cRotationReader = Callable[[Mapping[str, torch.Tensor]], list[torch.Tensor]]
-"""Output of ``model(images, heads=CAMERA_HEADS)`` -> the world-to-camera rotations ``[B, S, 3, 3]`` (float32,
-differentiable) of each camera estimate, first to last (the last is the model's final answer)."""
+MODEL_SIZES = ("full", "tiny")
+ModelSizeName = Literal["full", "tiny"]
+"""``full``: the released architecture; ``tiny``: a few-MB configuration with the real parameter names (tests)."""
+TINY_INPUT_SIZE = 140
+"""Network input width used with ``--model-size tiny`` (a multiple of the 14-pixel patch; keeps tests fast)."""
+
+PRIORS = ("intrinsics", "poses", "depth")
+"""Priors a backbone may take as network inputs (``ModelSpec.priors``)."""
+
+
+class Backbone3DFM(Protocol):
+    """What ns_extreme calls on every backbone module (each is an ``nn.Module``)."""
+
+    cfg: Any
+
+    def __call__(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``images`` [S, 3, H, W] or [B, S, 3, H, W] in [0, 1]; ``heads=`` selects the heads to run."""
+        ...
+
+    def drop_heads(self, keep: Iterable[str]) -> list[str]:
+        """Remove the heads not in ``keep``; returns the state-dict prefixes removed."""
+        ...
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None: ...
+
+
+def resolve(target: str) -> Any:
+    """The object named ``"package.module:attribute"`` (imported now)."""
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    default_weights: str
-    licence: str
-    released_alignment: str
-    """File name of the paper's bias checkpoint shipped in ns_extreme/data."""
-    paper_bias_set: BiasSet
-    ignored_checkpoint_prefixes: tuple[str, ...]
-    build: Callable[[Any], nn.Module]
-    """Builds the module from a config (None = the full-size default)."""
+    """The ``--model`` value."""
+    summary: str
+    """One line for ``--help``: what the model is and predicts."""
+    model_class: str
+    """``"module:Class"`` of the module; ``Class(config)`` builds it (a ``Backbone3DFM``)."""
+    config_class: str
+    """``"module:Class"`` of its config: ``Class()`` is full size, ``Class.tiny()`` the tiny one."""
+    posing_adapter: str
+    """``"module:Class"`` of the ``ns_extreme.posing`` adapter (a ``PosingBackbone``) that turns outputs into poses."""
+    posing_heads: Optional[tuple[str, ...]]
+    """The heads posing runs (``load_model(heads=...)`` builds only these); None: all the model has."""
+    rotation_reader: str
+    """``"module:function"`` (``ns_extreme.models.rotation_readers``) reading the predicted world-to-camera rotations
+    per camera estimate out of the ``CAMERA_HEADS`` outputs."""
     reference_frame: bool
     """True when frame 0 defines the world (VGGT): alignment then adds the first-camera anchor loss."""
-    w2c_rotations: W2cRotationReader
-    """Reads the predicted world-to-camera rotations per camera estimate out of the camera-path outputs."""
-    tiny_config: Callable[[], Any] = lambda: None
-    """A few-MB configuration with the real key names (tests, wiring checks)."""
-    make_outputs_plausible: Callable[[nn.Module], None] = lambda model: None
-    """Applied to randomly initialised models so their outputs are usable downstream (tests, benchmarks)."""
+    default_weights: str
+    """Hugging Face id of the official weights."""
+    licence: str
+    """Licence of the default weights (printed by the loader)."""
+    released_alignment: str
+    """File name of the paper's bias checkpoint shipped in ns_extreme/data."""
+    paper_bias_blocks: tuple[str, ...]
+    """Module prefixes of the blocks whose four linear biases the paper tunes."""
+    ignored_checkpoint_prefixes: tuple[str, ...] = ()
+    """State-dict prefixes of the official checkpoint that the module does not build (e.g. VGGT's track head)."""
+    input_size: int = 518
+    """Network input width of the full-size model (``preprocess_images`` crops or pads to it)."""
+    patch_size: int = 14
+    """Image height and width fed to the network are multiples of this."""
+    priors: tuple[str, ...] = ()
+    """Priors the network takes as inputs (of ``PRIORS``); any other is an error, never silently ignored."""
 
+    def config(self, size: str = "full") -> Any:
+        """The model config of this size (``MODEL_SIZES``)."""
+        cls = resolve(self.config_class)
+        if size == "full":
+            return cls()
+        if size == "tiny":
+            return cls.tiny()
+        raise ValueError(f"unknown model size {size!r}; choose {' or '.join(MODEL_SIZES)}")
 
-def w2c_rotations_from_pose_encoding(pose_enc: torch.Tensor) -> torch.Tensor:
-    """World-to-camera rotations [..., 3, 3] (float32) from VGGT pose encodings [..., 9] (quaternion xyzw at 3:7).
+    def build(self, config: Any = None) -> Backbone3DFM:
+        """The module (random weights) for ``config`` (None: full size)."""
+        return resolve(self.model_class)(config)
 
-    Same rotation as ``w2c_intrinsics_from_pose_encoding``, with the quaternion normalised under an epsilon
-    first so that a near-zero prediction cannot produce Inf.
-    """
-    q = F.normalize(pose_enc[..., 3:7].float(), dim=-1, eps=1e-8)
-    return quat_xyzw_to_matrix_torch(q)
+    def network_input_size(self, size: str = "full") -> int:
+        return TINY_INPUT_SIZE if size == "tiny" else self.input_size
 
+    @property
+    def paper_bias_set(self) -> BiasSet:
+        from ns_extreme.models.bias import BiasSet
 
-def w2c_rotations_from_c2w(c2w: torch.Tensor) -> torch.Tensor:
-    """World-to-camera rotations [..., 3, 3] (float32) of camera-to-world poses [..., 3 or 4, 4]: R_w2c = R_c2wᵀ."""
-    return c2w[..., :3, :3].float().transpose(-1, -2)
+        return BiasSet.from_blocks("paper", list(self.paper_bias_blocks))
 
-
-def _vggt_w2c_rotations(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """One estimate per camera-head refinement iteration (``pose_enc_list``)."""
-    return [w2c_rotations_from_pose_encoding(enc) for enc in out["pose_enc_list"]]
-
-
-def _pi3_w2c_rotations(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
-    """π³ has a single camera estimate: camera-to-world ``camera_poses`` [B, S, 4, 4]."""
-    return [w2c_rotations_from_c2w(out["camera_poses"])]
-
-
-def _build_vggt(config: Any) -> nn.Module:
-    from ns_extreme.models.vggt import VGGT
-
-    return VGGT(config)
-
-
-@torch.no_grad()
-def _plausible_vggt(model: nn.Module) -> None:
-    """Random weights predict near-identity rotations and a ~55 degree field of view instead of a zero FoV
-    (whose infinite focal length the pipeline would rightly reject)."""
-    last = model.camera_head.pose_branch.fc2
-    last.weight.mul_(0.01)
-    # The head adds its output once per refinement iteration.
-    per_iteration = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.8, 1.0]) / model.cfg.camera_iterations
-    last.bias.copy_(per_iteration)
+    @property
+    def w2c_rotations(self) -> W2cRotationReader:
+        return resolve(self.rotation_reader)
 
 
 VGGT_SPEC = ModelSpec(
     name="vggt",
+    summary="VGGT-1B: predicts cameras (intrinsics included) and depth; frame 0 is the reference",
+    model_class="ns_extreme.models.vggt:VGGT",
+    config_class="ns_extreme.models.vggt:VGGTConfig",
+    posing_adapter="ns_extreme.posing.backbone:VGGTBackbone",
+    posing_heads=("camera", "depth"),
+    rotation_reader="ns_extreme.models.rotation_readers:vggt_w2c_rotations",
+    reference_frame=True,
     default_weights="facebook/VGGT-1B",
     licence="CC BY-NC 4.0 (non-commercial) for facebook/VGGT-1B; facebook/VGGT-1B-Commercial is under the VGGT License",
     released_alignment="VGGT_changed_bias.pth",
-    paper_bias_set=BiasSet.from_blocks(
-        "paper", [f"aggregator.{kind}_blocks.{i}" for kind in ("frame", "global") for i in (4, 11, 17, 23)]
-    ),
+    paper_bias_blocks=tuple(f"aggregator.{kind}_blocks.{i}" for kind in ("frame", "global") for i in (4, 11, 17, 23)),
     ignored_checkpoint_prefixes=("track_head.",),
-    build=_build_vggt,
-    tiny_config=lambda: __import__("ns_extreme.models.vggt", fromlist=["VGGTConfig"]).VGGTConfig.tiny(),
-    reference_frame=True,
-    w2c_rotations=_vggt_w2c_rotations,
-    make_outputs_plausible=_plausible_vggt,
 )
-
-
-def _build_pi3(config: Any) -> nn.Module:
-    from ns_extreme.models.pi3 import Pi3
-
-    return Pi3(config)
-
-
-PI3_WIRING_FOCAL_PATCHES = 4.0
-"""Focal length, in patch widths, that ``_plausible_pi3`` builds into random point maps (56 px at patch 14)."""
-
-
-@torch.no_grad()
-def _plausible_pi3(model: nn.Module) -> None:
-    """Random weights: near-identity rotations, small translations, depth about 1 and, within each patch, the
-    pixel rays of a pinhole camera with a ``PI3_WIRING_FOCAL_PATCHES``-patch focal length (a linear head cannot
-    know a patch's position in the image, so only in-patch offsets are pinhole-like). Focal recovery then
-    yields a positive focal length. Wiring tests only: these outputs mean nothing."""
-    p = model.cfg.patch_size
-    focal = PI3_WIRING_FOCAL_PATCHES * p
-    offsets = (torch.arange(p, dtype=torch.float32) + 0.5 - p / 2) / focal
-    x_ray = offsets[None, :].expand(p, p)  # channel layout of the pixel-shuffle head: c * p² + row * p + col
-    y_ray = offsets[:, None].expand(p, p)
-    points = model.point_head.proj
-    points.weight.mul_(0.01)
-    points.bias.copy_(torch.stack((x_ray, y_ray, torch.zeros(p, p))).reshape(-1))
-    camera = model.camera_head
-    camera.fc_rot.weight.mul_(0.01)
-    camera.fc_rot.bias.copy_(torch.eye(3).reshape(-1))
-    camera.fc_t.weight.mul_(0.1)
-
 
 PI3_SPEC = ModelSpec(
     name="pi3",
+    summary="π³: reference-free (an unordered set of views); focal lengths recovered from its point maps",
+    model_class="ns_extreme.models.pi3:Pi3",
+    config_class="ns_extreme.models.pi3:Pi3Config",
+    posing_adapter="ns_extreme.posing.backbone:Pi3Backbone",
+    posing_heads=None,  # the points, confidence and camera heads are all π³ has
+    rotation_reader="ns_extreme.models.rotation_readers:pi3_w2c_rotations",
+    reference_frame=False,
     default_weights="yyfz233/Pi3",
     licence="CC BY-NC 4.0 (weights); code BSD-3-Clause",
     released_alignment="PI3_changed_bias.pth",
-    paper_bias_set=BiasSet.from_blocks("paper", [f"decoder.{i}" for i in (8, 24, 26, 27, 28, 29, 30, 31, 32)]),
-    ignored_checkpoint_prefixes=(),
-    build=_build_pi3,
-    tiny_config=lambda: __import__("ns_extreme.models.pi3", fromlist=["Pi3Config"]).Pi3Config.tiny(),
-    reference_frame=False,
-    w2c_rotations=_pi3_w2c_rotations,
-    make_outputs_plausible=_plausible_pi3,
+    paper_bias_blocks=tuple(f"decoder.{i}" for i in (8, 24, 26, 27, 28, 29, 30, 31, 32)),
 )
 
-MODELS: dict[str, ModelSpec] = {VGGT_SPEC.name: VGGT_SPEC, PI3_SPEC.name: PI3_SPEC}
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (VGGT_SPEC, PI3_SPEC)}
+
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]
+"""The ``--model`` choices of every command line."""
+
+
+def model_choices_help() -> str:
+    """``--help`` text listing every backbone and its default weights."""
+    return "Backbone: " + "; ".join(f"{s.name}: {s.summary} (weights {s.default_weights})" for s in MODELS.values())
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -59,9 +59,9 @@ from nerfstudio.utils.rich_utils import CONSOLE
 from nerfstudio.viewer.viewer_elements import ViewerControl
 from typing_extensions import Annotated
 
-from ns_extreme.cli.process import PoseModelOptions
 from ns_extreme.cli.runtime import jsonable
 from ns_extreme.io.video import DEFAULT_NUM_FRAMES_TARGET, VIDEO_SUFFIXES, is_video_file
+from ns_extreme.posing.model_options import PoseModelOptions
 from ns_extreme.posing.options import PosingOptions
 
 CACHE_NAME = ".extreme3d"
@@ -296,12 +296,12 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         if len(images) < 2:
             raise ValueError(f"extreme3d: {data} has {len(images)} image(s); posing needs at least 2")
 
-        from ns_extreme.cli.process import load_backbones
         from ns_extreme.io.dataset import write_dataset
+        from ns_extreme.posing.loading import load_backbone
         from ns_extreme.posing.pipeline import pose_images
 
         CONSOLE.print(f"[bold]extreme3d:[/bold] posing {len(images)} images of {data} (cache: {cache})")
-        backbone, _, report = load_backbones(self.config.backbone, say=CONSOLE.print)
+        backbone, _, report = load_backbone(self.config.backbone, say=CONSOLE.print)
         CONSOLE.print(report.summary())  # names the weights' licence
         recon = pose_images(images, backbone, self.config.posing, progress=True)
         extra = {

@@ -9,10 +9,11 @@ from __future__ import annotations
 from ns_extreme._lazy import lazy_exports
 
 _EXPORTS = {
-    "BACKBONES": "ns_extreme.posing.backbone",
     "FramePredictions": "ns_extreme.posing.backbone",
+    "load_backbone": "ns_extreme.posing.loading",
     "NonFiniteOutputError": "ns_extreme.posing.backbone",
     "Pi3Backbone": "ns_extreme.posing.backbone",
+    "PoseModelOptions": "ns_extreme.posing.model_options",
     "pose_images": "ns_extreme.posing.pipeline",
     "PosingBackbone": "ns_extreme.posing.backbone",
     "PosingOptions": "ns_extreme.posing.options",

@@ -1,4 +1,5 @@
-"""The one interface the posing pipeline needs from a 3D foundation model, and its VGGT adapter."""
+"""The one interface the posing pipeline needs from a 3D foundation model, and an adapter per backbone (each named
+by its ``ModelSpec.posing_adapter`` in ``ns_extreme.models.registry``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import nn
 from ns_extreme.geometry.conventions import invert_rigid
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
 from ns_extreme.geometry.rotations import nearest_rotation
+from ns_extreme.models.registry import PI3_SPEC, VGGT_SPEC
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -38,7 +40,7 @@ class PosingBackbone(Protocol):
     target_size: int
     patch_size: int
     heads: ClassVar[Optional[tuple[str, ...]]]
-    """The model heads ``predict`` runs (``load_model(heads=...)`` builds only these), None: all."""
+    """The model heads ``predict`` runs: the registry's ``ModelSpec.posing_heads`` (None: all)."""
 
     def predict(self, images: torch.Tensor) -> FramePredictions:
         """images [S, 3, H, W] in [0, 1] (preprocessed) -> predictions for the S frames as one sequence."""
@@ -74,8 +76,8 @@ class VGGTBackbone:
     of the depth head grows with it; 2 keeps batched convolutions at a few hundred MB).
     """
 
-    patch_size = 14
-    heads: ClassVar[Optional[tuple[str, ...]]] = ("camera", "depth")
+    patch_size = VGGT_SPEC.patch_size
+    heads: ClassVar[Optional[tuple[str, ...]]] = VGGT_SPEC.posing_heads
 
     def __init__(
         self,
@@ -134,8 +136,8 @@ class Pi3Backbone:
       exact resize rule for callers that want it.
     """
 
-    patch_size = 14
-    heads: ClassVar[Optional[tuple[str, ...]]] = None  # the points, confidence and camera heads are all π³ has
+    patch_size = PI3_SPEC.patch_size
+    heads: ClassVar[Optional[tuple[str, ...]]] = PI3_SPEC.posing_heads
 
     def __init__(
         self,
@@ -180,7 +182,3 @@ class Pi3Backbone:
             depth=local[..., 2].numpy(),
             confidence=confidence.astype(np.float32),
         )
-
-
-BACKBONES = {"vggt": VGGTBackbone, "pi3": Pi3Backbone}
-"""Posing adapter per model name (``ns_extreme.models.MODELS``)."""

@@ -23,6 +23,12 @@ HEADS = ("points", "conf", "camera")
 """points: ``local_points`` (and the global ``points`` when the camera head runs too); conf: ``conf``;
 camera: ``camera_poses``."""
 
+HEAD_MODULES = {
+    "points": ("point_decoder", "point_head"),
+    "conf": ("conf_decoder", "conf_head"),
+    "camera": ("camera_decoder", "camera_head"),
+}
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -72,11 +78,27 @@ class Pi3(nn.Module):
         self.patch_start_idx = cfg.num_register_tokens
         self.gradient_checkpointing = False
 
+    def drop_heads(self, keep: Iterable[str]) -> list[str]:
+        """Remove the decoders and linear heads not in ``keep`` (their weights are then neither loaded nor kept in
+        memory). Returns the state-dict prefixes removed."""
+        keep = set(keep)
+        unknown = keep - set(HEADS)
+        if unknown:
+            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+        dropped = []
+        for head, attrs in HEAD_MODULES.items():
+            for attr in attrs:
+                if head not in keep and getattr(self, attr) is not None:
+                    setattr(self, attr, None)
+                    dropped.append(attr + ".")
+        return dropped
+
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.gradient_checkpointing = enabled
         self.encoder.gradient_checkpointing = enabled
         for decoder in (self.point_decoder, self.conf_decoder, self.camera_decoder):
-            decoder.gradient_checkpointing = enabled
+            if decoder is not None:
+                decoder.gradient_checkpointing = enabled
 
     def decode(
         self, patches: torch.Tensor, batch: int, frames: int, rows: int, cols: int
@@ -112,6 +134,11 @@ class Pi3(nn.Module):
         unknown = set(heads) - set(HEADS)
         if unknown:
             raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
+        absent = [h for h in heads if getattr(self, HEAD_MODULES[h][0]) is None]
+        if absent:
+            raise ValueError(
+                f"this model was built without the {', '.join(absent)} head(s) (drop_heads / load_model(heads=...))"
+            )
         if images.ndim == 4:
             images = images[None]
         if images.ndim != 5 or images.shape[2] != 3:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -44,11 +44,19 @@ class Aggregator(nn.Module):
             return torch.utils.checkpoint.checkpoint(block, x, pos, use_reentrant=False)
         return block(x, pos=pos)
 
-    def forward(self, images: torch.Tensor, keep_layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    def forward(
+        self,
+        images: torch.Tensor,
+        keep_layers: Iterable[int],
+        extra_tokens: Optional[torch.Tensor] = None,
+        patch_offset: Optional[torch.Tensor] = None,
+    ) -> dict[int, torch.Tensor]:
         """images [B, S, 3, H, W] in [0, 1] -> {layer: [B, S, P, 2C]} for the requested layers only.
 
         Each kept tensor is the frame-block output concatenated with the global-block output of that layer;
-        P = 1 camera + registers + patches. Not keeping the other layers is what bounds memory.
+        P = 1 camera + registers (+ extra tokens) + patches. Not keeping the other layers is what bounds memory.
+        ``extra_tokens`` [B*S, n, C] go after the registers and ``patch_offset`` [B*S, patches, C] is added to the
+        DINOv2 patch tokens (WorldMirror's prior tokens; VGGT passes neither). ``patch_start_idx`` must count them.
         """
         B, S, _, H, W = images.shape
         keep = set(keep_layers)
@@ -57,14 +65,12 @@ class Aggregator(nn.Module):
         std = torch.tensor(IMAGENET_STD, dtype=images.dtype, device=images.device).view(1, 1, 3, 1, 1)
         x = (images - mean) / std
         patches = self.patch_embed(x.reshape(B * S, 3, H, W))
-        tokens = torch.cat(
-            (
-                first_and_others(self.camera_token, B, S).to(patches.dtype),
-                first_and_others(self.register_token, B, S).to(patches.dtype),
-                patches,
-            ),
-            dim=1,
-        )
+        if patch_offset is not None:
+            patches = patches + patch_offset.to(patches.dtype)
+        special = [first_and_others(self.camera_token, B, S), first_and_others(self.register_token, B, S)]
+        if extra_tokens is not None:
+            special.append(extra_tokens)
+        tokens = torch.cat([t.to(patches.dtype) for t in special] + [patches], dim=1)
         P, C = tokens.shape[1], tokens.shape[2]
         pos = patch_positions(B * S, H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
         # cos/sin rows gathered once and shared by all 48 blocks (and by q and k).

@@ -120,7 +120,8 @@ class Scratch(nn.Module):
 class DPTHead(nn.Module):
     """Outputs (prediction [B, S, H, W, output_dim-1], confidence [B, S, H, W]).
 
-    ``activation``: "exp" (depth) or "inv_log" (points: sign(x) * expm1(|x|)); confidence is 1 + exp(c).
+    ``activation``: "exp" (depth), "inv_log" (points: sign(x) * expm1(|x|)) or "norm" (x / |x|, normals);
+    confidence is 1 + exp(c).
     """
 
     def __init__(
@@ -134,7 +135,7 @@ class DPTHead(nn.Module):
         taps: Sequence[int],
     ) -> None:
         super().__init__()
-        if activation not in ("exp", "inv_log"):
+        if activation not in ("exp", "inv_log", "norm"):
             raise ValueError(f"unknown activation {activation!r}")
         self.patch_size = patch_size
         self.activation = activation
@@ -154,6 +155,12 @@ class DPTHead(nn.Module):
     def _frames(
         self, layers: dict[int, torch.Tensor], patch_start: int, image_hw: tuple[int, int], cache: Optional[dict] = None
     ) -> torch.Tensor:
+        return self.scratch.output_conv2(self._fused(layers, patch_start, image_hw, cache))
+
+    def _fused(
+        self, layers: dict[int, torch.Tensor], patch_start: int, image_hw: tuple[int, int], cache: Optional[dict] = None
+    ) -> torch.Tensor:
+        """The fused, upsampled, UV-embedded feature map [frames, features // 2, H, W] (input of output_conv2)."""
         H, W = image_hw
         h, w = H // self.patch_size, W // self.patch_size
         feats = []
@@ -165,7 +172,7 @@ class DPTHead(nn.Module):
             feats.append(self.resize_layers[k](x))
         x = self.scratch.fuse(*feats)
         x = F.interpolate(x, size=(h * self.patch_size, w * self.patch_size), mode="bilinear", align_corners=True)
-        return self.scratch.output_conv2(add_uv_embedding(x, W, H, cache=cache))
+        return add_uv_embedding(x, W, H, cache=cache)
 
     def forward(
         self, layers: dict[int, torch.Tensor], patch_start: int, image_hw: tuple[int, int], frames_chunk: int = 8
@@ -182,6 +189,8 @@ class DPTHead(nn.Module):
         values, conf = out[..., :-1], out[..., -1]
         if self.activation == "exp":
             values = torch.exp(values)
+        elif self.activation == "norm":  # unit vectors (WorldMirror's normals); no epsilon, as in the reference
+            values = values / values.norm(dim=-1, keepdim=True)
         else:
             values = torch.sign(values) * torch.expm1(values.abs())
         return values, 1 + torch.exp(conf)

@@ -1,0 +1,52 @@
+"""``load_backbone``: the posing adapter of ``PoseModelOptions``' model, loaded as the registry describes it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from ns_extreme.posing.model_options import PoseModelOptions
+
+
+def load_backbone(
+    opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print
+) -> tuple[Any, Optional[Any], Any]:
+    """Load the model named by ``opts``; returns (posing backbone, pretrained backbone to compare with or None,
+    load report). ``say`` prints notes for the user."""
+    from ns_extreme.models import get_spec, load_model
+    from ns_extreme.models.registry import resolve
+    from ns_extreme.runtime import resolve_device, resolve_precision
+
+    spec = get_spec(opts.model)
+    device = resolve_device(opts.device)
+    precision = resolve_precision(opts.dtype, device)
+    adapter = resolve(spec.posing_adapter)
+    model_config = spec.config(opts.model_size)
+    target_size = spec.network_input_size(opts.model_size)
+    alignment: Optional[str] = opts.alignment
+    if opts.model_size == "tiny" and alignment == "aligned":
+        say("note: --model-size tiny: the released alignment does not fit the tiny model; using pretrained biases")
+        alignment = "pretrained"
+    weights = opts.weights or spec.default_weights
+
+    def build(align: Optional[str]):
+        return load_model(
+            opts.model,
+            weights,
+            align,
+            device,
+            precision.params,
+            model_config,
+            storage_dtype=precision.weights,
+            heads=spec.posing_heads,
+        )
+
+    model = build(alignment)
+    report = model.load_report
+    backbone = adapter(model, dtype=precision.compute, target_size=target_size, name=opts.model)
+    compare = None
+    if compare_pretrained:
+        if alignment in (None, "pretrained"):
+            raise ValueError("--compare-pretrained needs an alignment to compare with (not --alignment pretrained)")
+        other = build("pretrained")
+        compare = adapter(other, dtype=precision.compute, target_size=target_size, name=f"{opts.model}-pretrained")
+    return backbone, compare, report
