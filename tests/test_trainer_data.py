@@ -194,6 +194,19 @@ def test_nerfstudio_parser_loads_the_masks(masked) -> None:
         assert tuple(mask.shape[:2]) == Image.open(f).size[::-1] and 0 < float(mask.float().mean()) < 1
 
 
+def test_extreme3d_parser_passes_the_masks_on(masked) -> None:
+    from nerfstudio.data.utils.data_utils import get_image_mask_tensor_from_path
+
+    from ns_extreme.nerfstudio.extreme3d_dataparser import Extreme3DDataParserConfig
+
+    *_, out = masked
+    outputs = Extreme3DDataParserConfig(data=out).setup().get_dataparser_outputs("train")
+    assert outputs.mask_filenames is not None and len(outputs.mask_filenames) == len(outputs.image_filenames)
+    for f, m in zip(outputs.image_filenames, outputs.mask_filenames):
+        assert m.parent.name == "masks" and m.stem == f.stem
+        assert 0 < float(get_image_mask_tensor_from_path(m).float().mean()) < 1
+
+
 def test_rgba_photo_yields_its_alpha_mask(tmp_path: Path, herz: Reference) -> None:
     rgb = np.asarray(Image.open(herz.paths[0]))
     alpha = np.full(rgb.shape[:2], 255, np.uint8)
@@ -446,3 +459,41 @@ def test_fisheye_becomes_a_pinhole_view_of_the_documented_field_of_view(herz: Re
     uv_expected = (rays @ new_K.T)[:, :2]
     found = _centroids(np.asarray(Image.open(tmp_path / "pinhole.png")), uv_expected)
     assert np.linalg.norm(found - uv_expected, axis=1).max() < 0.5
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_command_with_lens_masks_and_one_downscale(herz: Reference, tmp_path: Path) -> None:
+    """ns-process-data extreme-poses end to end (tiny random model): undistorted pinhole photos, masks, images_2."""
+    import os
+    import subprocess
+    import sys
+
+    photos, masks = tmp_path / "photos", tmp_path / "masks"
+    photos.mkdir()
+    masks.mkdir()
+    for p in herz.paths[:3]:
+        (photos / p.name).write_bytes(p.read_bytes())
+        Image.fromarray(np.full((64, 96), 255, np.uint8)).save(masks / f"{p.stem}.png")
+    K = herz.K[0]
+    params = ",".join(map(str, [K[0, 0], K[1, 1], K[0, 2], K[1, 2], -0.1, 0.02, 0.0, 0.0]))
+    out = tmp_path / "dataset"
+    cmd = [
+        str(Path(sys.executable).parent / "ns-process-data"), "extreme-poses", "--data", str(photos),
+        "--output-dir", str(out), "--model-size", "tiny", "--weights", "random", "--no-refine",
+        "--masks", str(masks), "--camera-model", "OPENCV", "--camera-params", params, "--num-downscales", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prov = json.loads((out / "extreme_poses.json").read_text())
+    lens = prov["lens_distortion"]
+    assert lens["model"] == "OPENCV" and lens["params"][4] == -0.1
+    frames = json.loads((out / "transforms.json").read_text())["frames"]
+    assert all(f["fl_x"] == pytest.approx(lens["undistorted_K"][0][0]) and f["k1"] == 0.0 for f in frames)
+    assert all((out / f["mask_path"]).is_file() for f in frames)
+    assert (out / "images_2").is_dir() and not (out / "images_4").exists() and (out / "sparse" / "0").is_dir()
+    assert prov["world_frame"]["orientation"]["method"] in ("cameras", "ground-plane")
+    # the exported photos are the undistorted ones, not byte copies of the originals
+    assert (out / frames[0]["file_path"]).read_bytes() != (photos / Path(frames[0]["file_path"]).name).read_bytes()
