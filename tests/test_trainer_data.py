@@ -475,7 +475,9 @@ def test_command_with_lens_masks_and_one_downscale(herz: Reference, tmp_path: Pa
     masks.mkdir()
     for p in herz.paths[:3]:
         (photos / p.name).write_bytes(p.read_bytes())
-        Image.fromarray(np.full((64, 96), 255, np.uint8)).save(masks / f"{p.stem}.png")
+        keep = np.full((64, 96), 255, np.uint8)
+        keep[:, :48] = 0  # the left half
+        Image.fromarray(keep).save(masks / f"{p.stem}.png")
     K = herz.K[0]
     params = ",".join(map(str, [K[0, 0], K[1, 1], K[0, 2], K[1, 2], -0.1, 0.02, 0.0, 0.0]))
     out = tmp_path / "dataset"
@@ -492,7 +494,10 @@ def test_command_with_lens_masks_and_one_downscale(herz: Reference, tmp_path: Pa
     assert lens["model"] == "OPENCV" and lens["params"][4] == -0.1
     frames = json.loads((out / "transforms.json").read_text())["frames"]
     assert all(f["fl_x"] == pytest.approx(lens["undistorted_K"][0][0]) and f["k1"] == 0.0 for f in frames)
-    assert all((out / f["mask_path"]).is_file() for f in frames)
+    for f in frames:  # the masks went through the same undistortion: still about the left half, black corners
+        keep = np.asarray(Image.open(out / f["mask_path"])) > 0
+        assert keep.shape == (f["h"], f["w"]) and not keep[:, : f["w"] // 2 - 20].any()
+        assert keep[f["h"] // 2, f["w"] // 2 + 20 :].all()
     assert (out / "images_2").is_dir() and not (out / "images_4").exists() and (out / "sparse" / "0").is_dir()
     assert prov["world_frame"]["orientation"]["method"] in ("cameras", "ground-plane")
     # the exported photos are the undistorted ones, not byte copies of the originals

@@ -229,6 +229,17 @@ class ExtremePoses:
         with self._console().status(f"undistorting {len(images)} photos ({lens.model}) ..."):
             paths, K = undistort_photos(images, self._undistorted_dir, lens, self.fisheye_fov)
         self.posing.intrinsics = ",".join(f"{v:.10g}" for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+        if self.posing.masks is not None:  # the masks must follow their photos through the undistortion
+            from ns_extreme.io.images import probe_image
+            from ns_extreme.io.masks import load_mask, mask_files_by_stem
+            from ns_extreme.io.undistort import undistort_mask
+
+            mask_dir = self._undistorted_dir / "masks"
+            mask_dir.mkdir()
+            for photo, mask_file in zip(images, mask_files_by_stem(self.posing.masks, images)):
+                size = probe_image(paths[images.index(photo)])
+                undistort_mask(load_mask(mask_file, size), mask_dir / f"{photo.stem}.png", lens, self.fisheye_fov)
+            self.posing.masks = mask_dir
         self._lens = {
             **lens.summary(),
             "undistorted_K": K.tolist(),

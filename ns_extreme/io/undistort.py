@@ -94,6 +94,16 @@ def undistort_photo(src: Path, dst: Path, lens: LensDistortion, fisheye_fov_deg:
     return new_K
 
 
+def undistort_mask(mask: np.ndarray, dst: Path, lens: LensDistortion, fisheye_fov_deg: float = FISHEYE_FOV_DEG) -> None:
+    """Write a photo-size bool mask, undistorted like its photo (nearest neighbour; outside the lens = ignore)."""
+    import cv2
+
+    h, w = mask.shape
+    _, map_x, map_y = undistorted_camera(lens, (w, h), fisheye_fov_deg)
+    keep = cv2.remap(mask.astype(np.uint8) * 255, map_x, map_y, cv2.INTER_NEAREST, borderValue=0)
+    Image.fromarray(keep).save(dst)
+
+
 def undistort_photos(
     paths: Sequence[Path], folder: Path, lens: LensDistortion, fisheye_fov_deg: float = FISHEYE_FOV_DEG
 ) -> tuple[list[Path], np.ndarray]:

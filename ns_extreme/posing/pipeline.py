@@ -276,7 +276,7 @@ def pose_images(
     timings["points_s"] = time.perf_counter() - t
 
     sfm = refinement.sfm_points if refinement is not None else None
-    world_frame = {}
+    world_frame: dict = {"source": "--poses-from: the given world, not rotated or scaled"}
     if cams.world_source == "model":
         world, world_frame = frame_world(
             cams.w2c, cloud.xyz, image_paths, options.orient, options.scale_from, options.seed
