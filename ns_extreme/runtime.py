@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
+from ns_extreme.distributed import local_rank
+
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 DtypeName = Literal["auto", "fp32", "bf16", "fp16"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _cuda_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` under torchrun (one GPU per rank), plain ``cuda`` in a single process."""
+    if "LOCAL_RANK" not in os.environ:
+        return torch.device("cuda")
+    index, count = local_rank(), torch.cuda.device_count()
+    if index >= count:
+        raise ValueError(
+            f"local rank {index} needs GPU {index}, but torch sees {count} CUDA device(s): start at most {count} "
+            "processes per machine (torchrun --nproc_per_node), or use --device cpu"
+        )
+    return torch.device("cuda", index)
+
+
 def resolve_device(name: str) -> torch.device:
+    """The device of ``--device``; under torchrun a CUDA device is ``cuda:LOCAL_RANK``."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _cuda_device()
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -26,7 +43,7 @@ def resolve_device(name: str) -> torch.device:
         raise ValueError("--device mps was asked for, but MPS is not available (use --device cpu or auto)")
     if name not in ("cpu", "cuda", "mps"):
         raise ValueError(f"unknown device {name!r}; choose auto, cpu, cuda or mps")
-    return torch.device(name)
+    return _cuda_device() if name == "cuda" else torch.device(name)
 
 
 FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
