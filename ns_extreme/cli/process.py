@@ -113,6 +113,18 @@ class ExtremePoses:
     """Also run the pretrained (unaligned) model and store its poses in extreme_poses.json for comparison."""
     depth_format: Literal["png", "npy", "none"] = "png"
     """Per-view depth maps: 16-bit PNG in millimetres of the dataset unit, float32 .npy, or none."""
+    camera_model: Optional[Literal["OPENCV", "OPENCV_FISHEYE"]] = None
+    """Lens of the photos when known (one camera for all, COLMAP's models): they are undistorted first (OpenCV) and
+    posed and exported as pinhole images; the original distortion goes to extreme_poses.json. Needs --camera-params."""
+    camera_params: Optional[str] = None
+    """OPENCV: fx,fy,cx,cy,k1,k2,p1,p2; OPENCV_FISHEYE: fx,fy,cx,cy,k1,k2,k3,k4 (pixels of the upright originals,
+    COLMAP convention)."""
+    fisheye_fov: float = 90.0
+    """OPENCV_FISHEYE only: horizontal field of view, degrees, of the pinhole view fisheye photos are undistorted to
+    (same size and principal point)."""
+    num_downscales: int = 3
+    """Also write images_2, images_4, ... images_(2**N) downscaled copies (as nerfstudio's ns-process-data does;
+    gsplat --data_factor N, nerfstudio --downscale-factor N); 0 = none."""
     overwrite: bool = False
     """Replace an existing output folder."""
     verbose: bool = False
@@ -184,7 +196,59 @@ class ExtremePoses:
                 "can be used, posing needs at "
                 f"least 2 (skipped: {shown}); replace or remove the unreadable files, or add more photos"
             )
-        return list(screen.usable)
+        usable = list(screen.usable)
+        if self.camera_model is not None or self.camera_params is not None:
+            usable = self._undistort(usable)
+        if self.num_downscales < 0:
+            raise ValueError(f"--num-downscales must be 0 or more, got {self.num_downscales}")
+        if self.posing.masks is not None:
+            from ns_extreme.io.masks import mask_files_by_stem
+
+            mask_files_by_stem(self.posing.masks, list(screen.usable))
+        from ns_extreme.posing.metric_scale import ScaleFromDistance, parse_scale_from
+
+        self.posing.check_world_options()
+        spec = parse_scale_from(self.posing.scale_from)
+        names = [p.name for p in screen.usable]
+        if isinstance(spec, ScaleFromDistance):
+            for name in (spec.a, spec.b):
+                if name not in names:
+                    raise ValueError(f"--scale-from: no photo in --data is named {name!r}")
+        return usable
+
+    def _undistort(self, images: list[Path]) -> list[Path]:
+        """Undistorted copies of ``images`` in a temporary folder (removed when ``main`` ends)."""
+        from ns_extreme.io.undistort import parse_lens, undistort_photos
+
+        if self.camera_model is None or self.camera_params is None:
+            raise ValueError("--camera-model and --camera-params go together (e.g. --camera-model OPENCV "
+                             "--camera-params fx,fy,cx,cy,k1,k2,p1,p2)")  # fmt: skip
+        if not 10.0 <= self.fisheye_fov <= 170.0:
+            raise ValueError(f"--fisheye-fov must be between 10 and 170 degrees, got {self.fisheye_fov}")
+        if self.posing.intrinsics != "auto":
+            raise ValueError("--camera-params already gives the intrinsics; leave out --intrinsics")
+        lens = parse_lens(self.camera_model, self.camera_params)
+        self._undistorted_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_undistorted_"))
+        with self._console().status(f"undistorting {len(images)} photos ({lens.model}) ..."):
+            paths, K = undistort_photos(images, self._undistorted_dir, lens, self.fisheye_fov)
+        self.posing.intrinsics = ",".join(f"{v:.10g}" for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+        if self.posing.masks is not None:  # the masks must follow their photos through the undistortion
+            from ns_extreme.io.images import probe_image
+            from ns_extreme.io.masks import load_mask, mask_files_by_stem
+            from ns_extreme.io.undistort import undistort_mask
+
+            mask_dir = self._undistorted_dir / "masks"
+            mask_dir.mkdir()
+            for photo, mask_file in zip(images, mask_files_by_stem(self.posing.masks, images)):
+                size = probe_image(paths[images.index(photo)])
+                undistort_mask(load_mask(mask_file, size), mask_dir / f"{photo.stem}.png", lens, self.fisheye_fov)
+            self.posing.masks = mask_dir
+        self._lens = {
+            **lens.summary(),
+            "undistorted_K": K.tolist(),
+            **({"fisheye_fov_deg": self.fisheye_fov} if lens.model == "OPENCV_FISHEYE" else {}),
+        }
+        return paths
 
     def _extract_video_frames(self, video: Path) -> Path:
         """Sample the video's frames into a temporary folder (removed when ``main`` ends); returns the folder."""
@@ -211,12 +275,15 @@ class ExtremePoses:
 
     def main(self) -> None:
         self._frames_dir: Optional[Path] = None
+        self._undistorted_dir: Optional[Path] = None
         self._video: Optional[dict] = None
+        self._lens: Optional[dict] = None
         try:
             self._pose_and_write()
         finally:
-            if self._frames_dir is not None:
-                shutil.rmtree(self._frames_dir, ignore_errors=True)
+            for folder in (self._frames_dir, self._undistorted_dir):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def _pose_and_write(self) -> None:
         from rich.markup import escape
@@ -282,11 +349,17 @@ class ExtremePoses:
             "skipped_images": self._skipped_images,
             "compare_pretrained": self.compare_pretrained,
             "depth_format": self.depth_format,
+            "lens_distortion": self._lens,
         }
         with console.status("writing dataset ..."):
             t = time.perf_counter()
             out = write_dataset(
-                recon, self.output_dir, overwrite=self.overwrite, depth_format=self.depth_format, extra_provenance=extra
+                recon,
+                self.output_dir,
+                overwrite=self.overwrite,
+                depth_format=self.depth_format,
+                extra_provenance=extra,
+                num_downscales=self.num_downscales,
             )
             write_s = time.perf_counter() - t
 

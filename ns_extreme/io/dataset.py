@@ -24,13 +24,14 @@ from ns_extreme.io.atomic import atomic_write_json, staged_output_dir
 from ns_extreme.io.colmap_model import write_colmap_model
 from ns_extreme.io.depth import write_depth_npy, write_depth_png_mm
 from ns_extreme.io.images import PreprocessRecord, load_rgb
+from ns_extreme.io.layout import EXIF_ORIENTATION, copy_colmap_model, reencode_with_exif, write_downscaled_images
+from ns_extreme.io.masks import write_mask_png
 from ns_extreme.io.ply import write_ply
 from ns_extreme.io.sfm_points import POINT_SOURCE_SFM
 from ns_extreme.io.transforms_json import apply_world_transform, write_transforms_json
 
 COLMAP_TO_NERFSTUDIO = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0]])
 """nerfstudio's applied_transform for COLMAP worlds: (x, y, z) -> (x, z, -y)."""
-EXIF_ORIENTATION = 0x0112
 
 DepthFormat = Literal["png", "npy", "none"]
 
@@ -111,7 +112,7 @@ def _export_image(src: Path, images_dir: Path, used_stems: set[str]) -> str:
     used_stems.add(stem.casefold())
     name = f"{stem}{suffix}"
     if reencode:
-        Image.fromarray(load_rgb(src)).save(images_dir / name)
+        reencode_with_exif(src, Image.fromarray(load_rgb(src)), images_dir / name)
     else:
         shutil.copy2(src, images_dir / name)
     return f"images/{name}"
@@ -180,8 +181,13 @@ def write_dataset(
     overwrite: bool = False,
     depth_format: DepthFormat = "png",
     extra_provenance: Optional[dict[str, Any]] = None,
+    num_downscales: int = 3,
 ) -> Path:
-    """Write ``recon`` (a ns_extreme.posing.Reconstruction) to ``output_dir``; returns the folder."""
+    """Write ``recon`` (a ns_extreme.posing.Reconstruction) to ``output_dir``; returns the folder.
+
+    ``num_downscales``: images_2 ... images_(2**n) copies (nerfstudio's ``--num-downscales``; 0 = none)."""
+    if num_downscales < 0:
+        raise ValueError(f"--num-downscales must be 0 or more, got {num_downscales}")
     _unique_names(recon.image_paths)
     if depth_format not in ("png", "npy", "none"):
         raise ValueError(f"depth format must be png, npy or none, got {depth_format!r}")
@@ -191,12 +197,21 @@ def write_dataset(
         (out / "images").mkdir()
         used_stems: set[str] = set()
         image_files = [_export_image(p, out / "images", used_stems) for p in recon.image_paths]
+        write_downscaled_images(out, image_files, num_downscales)
+        mask_files = None
+        if recon.masks is not None:
+            (out / "masks").mkdir()
+            mask_files = [f"masks/{Path(rel).stem}.png" for rel in image_files]
+            for mask, name in zip(recon.masks, mask_files):
+                write_mask_png(out / name, mask)
         depth_files = None
         if depth_format != "none":
             (out / "depth").mkdir()
             depth_files = []
             for i, rel in enumerate(image_files):
                 depth = depth_at_original_resolution(recon.depth[i], recon.records[i])
+                if recon.masks is not None:
+                    depth[~recon.masks[i]] = 0.0
                 name = f"depth/{Path(rel).stem}.{depth_format}"
                 (write_depth_png_mm if depth_format == "png" else write_depth_npy)(out / name, depth)
                 depth_files.append(name)
@@ -215,6 +230,7 @@ def write_dataset(
             applied_transform=applied,
             ply_file_path="sparse_pc.ply",
             depth_paths_rel=depth_files,
+            mask_paths_rel=mask_files,
             extra={"ns_extreme": "extreme_poses.json"},
         )
         # SfM points go in with their tracks; the model's points, which have none, after them.
@@ -229,5 +245,6 @@ def write_dataset(
             recon.points_rgb[model_points],
             sfm_points=recon.sfm_points,
         )
+        copy_colmap_model(out / "colmap" / "sparse" / "0", out)
         atomic_write_json(out / "extreme_poses.json", _provenance(recon, applied, extra_provenance, image_files))
     return final

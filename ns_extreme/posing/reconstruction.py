@@ -71,6 +71,8 @@ class Reconstruction:
     sfm_points: Optional[Any] = None
     """Triangulated points with tracks (``ns_extreme.io.colmap_model.SfmPoints``) kept in the point cloud; written
     to colmap/sparse/0 with their 2-D observations."""
+    masks: Optional[list[np.ndarray]] = None
+    """Per view bool [H, W] at the original size, False = ignored pixels (--masks, alpha channels); None = none."""
 
     @property
     def num_views(self) -> int:
