@@ -5,7 +5,8 @@ run unchanged as one plain process. ``init_from_env`` starts the process group w
 (NCCL on CUDA, gloo otherwise) with a collective timeout: a rank that dies makes the others stop with a
 ``DistributedError`` (a one-line user error) within that time instead of hanging.
 
-A leaf module: it imports only torch, so align/, posing/ and cli/ can all use it.
+A leaf module (it imports only torch, and that only when a helper needs it: the environment helpers run before
+torch loads), so align/, posing/ and cli/ can all use it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import datetime
 import hashlib
 import json
 import os
-from typing import Any, Callable, Iterator, Optional, TypeVar
+import sys
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "DistributedError",
@@ -77,16 +79,25 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
 
 
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
 def is_initialized() -> bool:
+    if "torch.distributed" not in sys.modules:  # nothing can have started a process group yet
+        return False
+    dist = _dist()
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
-    return dist.get_rank() if is_initialized() else 0
+    return _dist().get_rank() if is_initialized() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
+    return _dist().get_world_size() if is_initialized() else 1
 
 
 def is_main_process() -> bool:
@@ -98,6 +109,7 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     devices, gloo otherwise); returns whether one is up. Nothing happens in a single process."""
     if env_world_size() <= 1 or is_initialized():
         return is_initialized()
+    dist = _dist()
     if not dist.is_available():
         raise DistributedError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
     missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
@@ -109,6 +121,8 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     backend = "nccl" if device.type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if backend == "nccl":
+        import torch
+
         torch.cuda.set_device(device)
         kwargs["device_id"] = device
     try:
@@ -124,7 +138,7 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) ->
 def destroy() -> None:
     if is_initialized():
         with contextlib.suppress(Exception):
-            dist.destroy_process_group()
+            _dist().destroy_process_group()
 
 
 @contextlib.contextmanager
@@ -156,12 +170,14 @@ def _collective(what: str, fn: Callable[[], T]) -> T:
 
 
 def barrier() -> None:
+    dist = _dist()
     if is_initialized():
         _collective("barrier", dist.barrier)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over the ranks in place (and return it); unchanged in one process."""
+    dist = _dist()
     if is_initialized():
         _collective("all-reduce", lambda: dist.all_reduce(tensor, op=dist.ReduceOp.SUM))
     return tensor
@@ -169,6 +185,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_object(obj: T) -> list[T]:
     """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in one process."""
+    dist = _dist()
     if not is_initialized():
         return [obj]
     out: list[Any] = [None] * world_size()
@@ -178,6 +195,7 @@ def all_gather_object(obj: T) -> list[T]:
 
 def gather_object(obj: T) -> Optional[list[T]]:
     """Every rank's ``obj`` in rank order on rank 0 (None on the others); ``[obj]`` in one process."""
+    dist = _dist()
     if not is_initialized():
         return [obj]
     out: Optional[list[Any]] = [None] * world_size() if is_main_process() else None
@@ -187,6 +205,7 @@ def gather_object(obj: T) -> Optional[list[T]]:
 
 def broadcast_object(obj: T) -> T:
     """Rank 0's ``obj`` on every rank; ``obj`` in one process."""
+    dist = _dist()
     if not is_initialized():
         return obj
     box = [obj]

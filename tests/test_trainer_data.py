@@ -502,3 +502,60 @@ def test_command_with_lens_masks_and_one_downscale(herz: Reference, tmp_path: Pa
     assert prov["world_frame"]["orientation"]["method"] in ("cameras", "ground-plane")
     # the exported photos are the undistorted ones, not byte copies of the originals
     assert (out / frames[0]["file_path"]).read_bytes() != (photos / Path(frames[0]["file_path"]).name).read_bytes()
+
+
+SACRE = "hloc_sacre_coeur"  # SIMPLE_RADIAL cameras, one per photo
+
+
+def test_poses_from_distortion_is_undone_with_the_models_own_lens(dev_small: Path, tmp_path: Path) -> None:
+    """Sacré-Cœur's SIMPLE_RADIAL cameras: each undistorted photo samples its original exactly where pycolmap's
+    own camera model puts a ray that the new pinhole camera maps to the output pixel (within 0.01 px)."""
+    import pycolmap
+
+    from ns_extreme.io.undistort import lens_from_colmap, undistort_with_known_model, undistorted_camera
+
+    model = dev_small / SACRE / "sparse" / "0"
+    photos = sorted((dev_small / SACRE / "images").iterdir())[:2]
+    paths, new_model, lenses = undistort_with_known_model(model, photos, tmp_path)
+    assert [p.parent for p in paths] == [tmp_path, tmp_path] and set(lenses) == {p.name for p in photos}
+    original, rewritten = pycolmap.Reconstruction(str(model)), pycolmap.Reconstruction(str(new_model))
+    for photo in photos:
+        image = next(im for im in original.images.values() if im.name == photo.name)
+        cam, new_cam = original.cameras[image.camera_id], rewritten.cameras[image.camera_id]
+        assert cam.model.name == "SIMPLE_RADIAL" and new_cam.model.name == "PINHOLE"
+        K, map_x, map_y = undistorted_camera(lens_from_colmap("SIMPLE_RADIAL", cam.params), (cam.width, cam.height))
+        np.testing.assert_allclose(new_cam.calibration_matrix(), K)
+        jj, ii = np.mgrid[10 : cam.height - 10 : 37, 10 : cam.width - 10 : 41]
+        rays = np.stack([ii + 0.5, jj + 0.5, np.ones_like(ii)], -1).reshape(-1, 3) @ np.linalg.inv(K).T
+        expected = cam.img_from_cam(np.ascontiguousarray(rays))  # COLMAP pixels (+0.5 convention)
+        sampled = np.stack([map_x[jj, ii].ravel(), map_y[jj, ii].ravel()], -1) + 0.5
+        assert np.abs(sampled - expected).max() < 0.01
+        assert Image.open(tmp_path / photo.name).size == (cam.width, cam.height)
+
+
+def test_command_poses_from_a_distorted_model(dev_small: Path, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import pycolmap
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((dev_small / SACRE / "images").iterdir())[:3]:
+        (photos / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "dataset"
+    cmd = [
+        str(Path(sys.executable).parent / "ns-process-data"), "extreme-poses", "--data", str(photos),
+        "--output-dir", str(out), "--model-size", "tiny", "--weights", "random", "--no-refine",
+        "--poses-from", str(dev_small / SACRE / "sparse" / "0"), "--num-downscales", "0",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prov = json.loads((out / "extreme_poses.json").read_text())
+    assert not any("distortion" in w for w in prov["warnings"]), prov["warnings"]
+    lenses = prov["lens_distortion"]["photos"]
+    assert len(lenses) == 3 and all(v["colmap_model"] == "SIMPLE_RADIAL" for v in lenses.values())
+    rec = pycolmap.Reconstruction(str(out / "sparse" / "0"))
+    for image in rec.images.values():
+        np.testing.assert_allclose(image.camera.calibration_matrix(), lenses[image.name]["undistorted_K"], rtol=1e-9)

@@ -577,7 +577,9 @@ class Trainer:
             + (f" (stopping at {self.stop_at})" if self.stop_at < self.total_steps else "")
             + (f"; resuming at step {self.step}" if self.resumed else "")
             + (
-                f"; {self.world_size} ranks, {cfg.batch_size // self.world_size} pairs each per step"
+                f"; {self.world_size} ranks, {cfg.batch_size // self.world_size} "
+                + ("pair" if cfg.batch_size == self.world_size else "pairs")
+                + " each per step"
                 if self.world_size > 1
                 else ""
             ),

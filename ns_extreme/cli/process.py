@@ -199,6 +199,8 @@ class ExtremePoses:
         usable = list(screen.usable)
         if self.camera_model is not None or self.camera_params is not None:
             usable = self._undistort(usable)
+        elif self._colmap_poses_from():
+            usable = self._undistort_known(usable)
         if self.num_downscales < 0:
             raise ValueError(f"--num-downscales must be 0 or more, got {self.num_downscales}")
         if self.posing.masks is not None:
@@ -216,6 +218,45 @@ class ExtremePoses:
                     raise ValueError(f"--scale-from: no photo in --data is named {name!r}")
         return usable
 
+    def _colmap_poses_from(self) -> bool:
+        folder = self.posing.poses_from
+        return folder is not None and any((Path(folder) / f"cameras.{ext}").is_file() for ext in ("bin", "txt"))
+
+    def _undistort_known(self, images: list[Path]) -> list[Path]:
+        """Photos whose --poses-from COLMAP camera has distortion, undistorted into a temporary folder, and the
+        model with those cameras as their undistorted pinhole ones (posing then uses both)."""
+        from ns_extreme.io.undistort import LensDistortion, undistort_with_known_model
+
+        self._undistorted_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_undistorted_"))
+        with self._console().status("undistorting photos with the --poses-from cameras ..."):
+            paths, model, lenses = undistort_with_known_model(
+                Path(self.posing.poses_from), images, self._undistorted_dir, self.fisheye_fov
+            )
+        if model is not None:
+            self._lens = {"source": f"--poses-from {self.posing.poses_from}", "photos": lenses}
+            self.posing.poses_from = model
+            self._undistort_masks(images, {n: LensDistortion(v["model"], v["params"]) for n, v in lenses.items()})
+        return paths
+
+    def _undistort_masks(self, images: list[Path], lenses: dict) -> None:
+        """--masks follow their photos through the undistortion (photos without a lens keep theirs as they are)."""
+        if self.posing.masks is None:
+            return
+        from ns_extreme.io.images import load_rgb
+        from ns_extreme.io.masks import load_mask, mask_files_by_stem, write_mask_png
+        from ns_extreme.io.undistort import undistort_mask
+
+        mask_dir = self._undistorted_dir / "masks"
+        mask_dir.mkdir()
+        for photo, mask_file in zip(images, mask_files_by_stem(self.posing.masks, images)):
+            size = load_rgb(photo).shape[1::-1]  # upright; undistortion keeps the size
+            mask, dst = load_mask(mask_file, size), mask_dir / f"{photo.stem}.png"
+            if photo.name in lenses:
+                undistort_mask(mask, dst, lenses[photo.name], self.fisheye_fov)
+            else:
+                write_mask_png(dst, mask)
+        self.posing.masks = mask_dir
+
     def _undistort(self, images: list[Path]) -> list[Path]:
         """Undistorted copies of ``images`` in a temporary folder (removed when ``main`` ends)."""
         from ns_extreme.io.undistort import parse_lens, undistort_photos
@@ -232,17 +273,7 @@ class ExtremePoses:
         with self._console().status(f"undistorting {len(images)} photos ({lens.model}) ..."):
             paths, K = undistort_photos(images, self._undistorted_dir, lens, self.fisheye_fov)
         self.posing.intrinsics = ",".join(f"{v:.10g}" for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
-        if self.posing.masks is not None:  # the masks must follow their photos through the undistortion
-            from ns_extreme.io.images import probe_image
-            from ns_extreme.io.masks import load_mask, mask_files_by_stem
-            from ns_extreme.io.undistort import undistort_mask
-
-            mask_dir = self._undistorted_dir / "masks"
-            mask_dir.mkdir()
-            for photo, mask_file in zip(images, mask_files_by_stem(self.posing.masks, images)):
-                size = probe_image(paths[images.index(photo)])
-                undistort_mask(load_mask(mask_file, size), mask_dir / f"{photo.stem}.png", lens, self.fisheye_fov)
-            self.posing.masks = mask_dir
+        self._undistort_masks(images, {p.name: lens for p in images})
         self._lens = {
             **lens.summary(),
             "undistorted_K": K.tolist(),

@@ -119,3 +119,62 @@ def undistort_photos(
         K = K_p
         out.append(dst)
     return out, K
+
+
+def lens_from_colmap(model: str, params: Sequence[float]) -> LensDistortion | None:
+    """A COLMAP camera as an OPENCV / OPENCV_FISHEYE lens; None for pinhole cameras, zero distortion or a model
+    this module does not undistort (the caller keeps the old behaviour: pinhole part only, with a warning)."""
+    p = [float(v) for v in params]
+    if model == "SIMPLE_RADIAL":
+        lens = LensDistortion("OPENCV", [p[0], p[0], p[1], p[2], p[3], 0.0, 0.0, 0.0])
+    elif model == "RADIAL":
+        lens = LensDistortion("OPENCV", [p[0], p[0], p[1], p[2], p[3], p[4], 0.0, 0.0])
+    elif model in CAMERA_MODELS:
+        lens = LensDistortion(model, p)
+    else:
+        return None
+    return lens if np.any(lens.coefficients() != 0) else None
+
+
+def undistort_with_known_model(
+    model_dir: Path, images: Sequence[Path], folder: Path, fisheye_fov_deg: float = FISHEYE_FOV_DEG
+) -> tuple[list[Path], Path | None, dict[str, dict]]:
+    """Undistort the photos whose ``--poses-from`` COLMAP camera has lens distortion (matched by file name) into
+    ``folder`` and write a copy of the model whose cameras are the undistorted pinhole ones to ``folder/model``.
+
+    Returns (photo paths: undistorted copies or the originals, the new model folder or None when no photo needed
+    it, per undistorted photo the original lens)."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(model_dir))
+    by_name = {im.name: im for im in rec.images.values()}
+    by_name.update({Path(name).name: im for name, im in list(by_name.items())})
+    new_K: dict[int, np.ndarray] = {}
+    out, lenses = [], {}
+    for p in images:
+        image = by_name.get(p.name)
+        camera = rec.cameras[image.camera_id] if image is not None else None
+        lens = lens_from_colmap(camera.model.name, camera.params) if camera is not None else None
+        if lens is None:
+            out.append(p)
+            continue
+        w, h = load_rgb(p).shape[1::-1]  # upright size
+        if (w, h) != (camera.width, camera.height):
+            raise ValueError(
+                f"--poses-from {model_dir}: {p.name} is {w}x{h} but its camera is {camera.width}x{camera.height}; "
+                "undistortion needs the photos the model was made from"
+            )
+        dst = folder / (p.name if p.suffix.lower() in (".jpg", ".jpeg", ".png") else f"{p.stem}.png")
+        K = undistort_photo(p, dst, lens, fisheye_fov_deg)
+        new_K[image.camera_id] = K
+        lenses[p.name] = {**lens.summary(), "colmap_model": camera.model.name, "undistorted_K": K.tolist()}
+        out.append(dst)
+    if not new_K:
+        return list(images), None, {}
+    for camera_id, K in new_K.items():
+        camera = rec.cameras[camera_id]
+        camera.model = pycolmap.CameraModelId.PINHOLE
+        camera.params = [K[0, 0], K[1, 1], K[0, 2], K[1, 2]]
+    (folder / "model").mkdir()
+    rec.write(str(folder / "model"))
+    return out, folder / "model", lenses

@@ -110,7 +110,8 @@ def _known_poses_stage(
     if distorted:
         notes.append(
             f"{len(distorted)} known cameras have lens distortion that the export drops (pinhole intrinsics only), "
-            f"e.g. {distorted[0]}; undistort the images first for exact geometry"
+            f"e.g. {distorted[0]}; undistort the images first for exact geometry (ns-process-data extreme-poses "
+            "does so for COLMAP models)"
         )
     sim = sim3_to_known(cams.w2c[views], known.w2c_opencv[rows])
     cams.w2c = transform_w2c_opencv(cams.w2c, sim)
