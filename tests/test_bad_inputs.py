@@ -579,6 +579,18 @@ POSES_ERRORS = [
     ("bias-plain-state-dict", ["--alignment", "{w}/bias_plain_state.pth"], ["bias_plain_state.pth", "bias_state_dict"]),
     ("bias-pickled-code", ["--alignment", "{w}/evil_bias.pth"], ["evil_bias.pth", "weights_only=True"]),
     ("nan-model-outputs", ["--weights", "{w}/nan.safetensors"], ["NaN/Inf", "--dtype fp32", "check the weights"]),
+    ("depth-prior-for-a-model-without-one", ["--depth-from", "{root}"], ["--depth-from: vggt takes no depth prior"]),
+    ("splats-from-a-model-without-them", ["--write-splats"], ["--write-splats: vggt predicts no 3D Gaussians"]),
+    (
+        "depth-prior-folder-missing",
+        ["--model", "worldmirror", "--depth-from", "{root}/nodepth"],
+        ["--depth-from: folder not found", "nodepth"],
+    ),
+    (
+        "depth-prior-no-matching-file",
+        ["--model", "worldmirror", "--depth-from", "{empty}"],
+        ["--depth-from", "no depth file matches an input image", "<image stem>.png"],
+    ),
     (
         "disk-full-while-writing",
         ["--patch=enospc"],

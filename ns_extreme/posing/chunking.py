@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -56,16 +56,18 @@ def predict_in_chunks(
     on_chunk: Callable[[int, int], None] = lambda done, total: None,
     seed: int = 0,
     valid: np.ndarray | None = None,
+    priors: Optional[Any] = None,
 ) -> tuple[FramePredictions, list[dict[str, float]]]:
     """Predictions for all frames in the world of the first chunk, and per-join residual statistics.
 
-    ``valid`` [N, H, W] (optional) marks real pixels; only those are used to join chunks."""
+    ``valid`` [N, H, W] (optional) marks real pixels; only those are used to join chunks. ``priors``
+    (``FramePriors``, optional): each pass gets those of its frames, ``predict(images, priors=...)``."""
     ranges = chunk_ranges(images.shape[0], max_frames, overlap)
     rng = np.random.default_rng(seed)
     merged: FramePredictions | None = None
     residuals = []
     for c, frames in enumerate(ranges):
-        pred = predict(images[frames])
+        pred = predict(images[frames]) if priors is None else predict(images[frames], priors=priors.subset(frames))
         if merged is None:
             merged = pred
             on_chunk(c + 1, len(ranges))
@@ -91,7 +93,21 @@ def predict_in_chunks(
             intrinsics=np.concatenate([merged.intrinsics, pred.intrinsics[new]]),
             depth=np.concatenate([merged.depth, pred.depth[new] * np.float32(sim.scale)]),
             confidence=np.concatenate([merged.confidence, pred.confidence[new]]),
+            **_joined_extras(merged, pred, new, sim.scale),
         )
         on_chunk(c + 1, len(ranges))
     assert merged is not None
     return merged, residuals
+
+
+def _joined_extras(merged: FramePredictions, pred: FramePredictions, new: list[int], scale: float) -> dict[str, Any]:
+    """Optional outputs of the joined passes: camera-frame normals as they are, Gaussians scaled like depth."""
+    out: dict[str, Any] = {}
+    for name in ("normals", "normals_confidence"):
+        if getattr(merged, name) is not None:
+            out[name] = np.concatenate([getattr(merged, name), getattr(pred, name)[new]])
+    if merged.gaussians is not None:
+        out["gaussians"] = type(merged.gaussians).concatenate(
+            [merged.gaussians, pred.gaussians.subset(new).scaled(scale)]
+        )
+    return out

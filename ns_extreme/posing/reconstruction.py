@@ -71,6 +71,12 @@ class Reconstruction:
     sfm_points: Optional[Any] = None
     """Triangulated points with tracks (``ns_extreme.io.colmap_model.SfmPoints``) kept in the point cloud; written
     to colmap/sparse/0 with their 2-D observations."""
+    normals: Optional[np.ndarray] = None
+    """[N, h, w, 3] float32 unit normals in each camera's frame (OpenCV) at the preprocessed resolution, for models
+    with a normal head (written to normals/)."""
+    gaussians: Optional[Any] = None
+    """Per-pixel 3D Gaussians in camera frames and world units (``ns_extreme.posing.worldmirror.PixelGaussians``),
+    when the backbone was asked for them (``--write-splats``)."""
 
     @property
     def num_views(self) -> int:
