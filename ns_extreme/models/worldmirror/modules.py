@@ -211,8 +211,8 @@ def splats_from_gaussian_params(
     """
     B, S, _, H, W = images.shape
     N = S * H * W
-    p = params.reshape(B, S, -1, H, W).permute(0, 1, 3, 4, 2)
-    # Split before flattening (each part becomes a contiguous copy), as the reference: bit-identical reductions.
+    # Channels-last, then split: the layout the reference's reductions see (bit-identical results).
+    p = params.permute(0, 2, 3, 1).contiguous().reshape(B, S, H, W, -1)
     quats, scales, opacities, residual_sh, weights = torch.split(p, [4, 3, 1, 3 * num_sh, 1], dim=-1)
     quats = quats.reshape(B, N, 4)
     quats = quats / (quats.norm(dim=-1, keepdim=True) + 1e-8)
