@@ -321,10 +321,35 @@ def environment(device: torch.device) -> dict[str, Any]:
             env["mem_total_gb"] = round(int(next(ln for ln in f if ln.startswith("MemTotal")).split()[1]) / 2**20, 1)
     except (OSError, StopIteration):
         pass
+    from ns_extreme.runtime import FAST_BF16_CPU_FLAGS, auto_precision_name, cpu_flags, cpu_has_fast_bf16
+
+    env["cpu_bf16_flags"] = sorted(cpu_flags() & FAST_BF16_CPU_FLAGS)
+    env["cpu_fast_bf16"] = cpu_has_fast_bf16()
+    env["dtype_auto"] = auto_precision_name(device)
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["gpu_capability"] = list(torch.cuda.get_device_capability(device))
+    env["machine_label"] = machine_label(env)
     return env
+
+
+def machine_label(env: dict[str, Any]) -> str:
+    """One line naming the machine of a result (GPU name, or CPU model and whether it has fast bfloat16),
+    torch version and threads: results from different machines are never mixed."""
+    if env.get("gpu"):
+        where = f"GPU {env['gpu']}"
+    else:
+        bf16 = env.get("cpu_fast_bf16")
+        if bf16 is None and env.get("cpu_capability") in ("AVX2", "DEFAULT", "NO AVX"):
+            bf16 = False  # older records: no AVX-512 at all, so neither AMX nor AVX-512 BF16
+        kind = (
+            "unknown bf16"
+            if bf16 is None
+            else ("fast bf16: " + "/".join(env.get("cpu_bf16_flags", [])) if bf16 else "")
+        )
+        kind = kind or f"no fast bf16 ({env.get('cpu_capability')})"
+        where = f"{env.get('cpu_model') or env.get('machine')}, {kind}"
+    return f"{where}; torch {env.get('torch')}, {env.get('threads')} threads"
 
 
 def default_cache_dir() -> Path:
@@ -337,6 +362,13 @@ def results_path(name: str, device: torch.device, suffix: str) -> Path:
 
 
 def write_results(name: str, device: torch.device, data: dict[str, Any], markdown: str) -> tuple[Path, Path]:
+    """Every result file names its machine: ``data["environment"]`` (added here when missing) and a
+    ``Machine:`` line under the markdown's title."""
+    env = data.setdefault("environment", environment(device))
+    label = env.get("machine_label") or machine_label(env)
+    if "Machine: " not in markdown:
+        title, sep, rest = markdown.partition("\n") if markdown.startswith("# ") else ("", "", markdown)
+        markdown = f"{title}{sep}{sep}Machine: {label}\n\n{rest.lstrip()}"
     j, m = results_path(name, device, "json"), results_path(name, device, "md")
     j.write_text(json.dumps(data, indent=2) + "\n")
     m.write_text(markdown.rstrip() + "\n")

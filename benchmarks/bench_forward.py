@@ -133,6 +133,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 dtype=prec.params,
                 config=cfg,
                 storage_dtype=prec.weights,
+                narrow_heads=prec.narrow_heads,
                 heads=variant["heads"],
             )
             autocast_dtype, input_dtype = prec.autocast, prec.params

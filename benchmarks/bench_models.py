@@ -54,7 +54,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     with Stopwatch(device) as load:
         model = load_model(
             spec["model"], weights="random", alignment="pretrained" if spec.get("tiny") else "aligned", device=device,
-            dtype=prec.params, storage_dtype=prec.weights, heads=model_spec.posing_heads,
+            dtype=prec.params, storage_dtype=prec.weights, narrow_heads=prec.narrow_heads,
+            heads=model_spec.posing_heads,
             config=model_spec.config("tiny" if spec.get("tiny") else "full"),
         )  # fmt: skip
     load_peak = mem.peak_mb()

@@ -61,6 +61,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 dtype=prec.params,
                 config=model_config(spec["config"]),
                 storage_dtype=prec.weights,
+                narrow_heads=prec.narrow_heads,
                 heads=("camera", "depth"),
             )
         else:
@@ -72,6 +73,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
                 dtype=prec.params,
                 config=model_config(spec["config"]),
                 storage_dtype=prec.weights,
+                narrow_heads=prec.narrow_heads,
                 heads=("camera", "depth"),
             )
             make_outputs_plausible("vggt", model)  # random weights: keep the fields of view valid

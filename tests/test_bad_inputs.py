@@ -579,6 +579,17 @@ POSES_ERRORS = [
     ("bias-plain-state-dict", ["--alignment", "{w}/bias_plain_state.pth"], ["bias_plain_state.pth", "bias_state_dict"]),
     ("bias-pickled-code", ["--alignment", "{w}/evil_bias.pth"], ["evil_bias.pth", "weights_only=True"]),
     ("nan-model-outputs", ["--weights", "{w}/nan.safetensors"], ["NaN/Inf", "--dtype fp32", "check the weights"]),
+    ("masks-folder-missing", ["--masks", "{root}/nomasks"], ["--masks: folder not found", "nomasks"]),
+    ("masks-missing-for-photos", ["--masks", "{empty}"], ["no mask for 3 photo(s)", "a.jpg", "matched by file stem"]),
+    ("scale-from-bad-string", ["--scale-from", "a.jpg,b.jpg"], ["--scale-from must be exif-gps or A.jpg,B.jpg,METRES"]),
+    ("scale-from-unknown-photo", ["--scale-from", "a.jpg,zz.jpg,2"], ["no photo in --data is named 'zz.jpg'"]),
+    (
+        "camera-params-wrong-count",
+        ["--camera-model", "OPENCV", "--camera-params", "1,2,3"],
+        ["--camera-params for OPENCV must be fx,fy,cx,cy,k1,k2,p1,p2"],
+    ),
+    ("camera-params-without-model", ["--camera-params", "1,1,1,1,0,0,0,0"], ["--camera-model and --camera-params"]),
+    ("num-downscales-negative", ["--num-downscales", "-1"], ["--num-downscales must be 0 or more"]),
     ("depth-prior-for-a-model-without-one", ["--depth-from", "{root}"], ["--depth-from: vggt takes no depth prior"]),
     ("splats-from-a-model-without-them", ["--write-splats"], ["--write-splats: vggt predicts no 3D Gaussians"]),
     (

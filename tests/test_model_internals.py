@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 from ns_extreme.models import ModelLoadError, get_spec, load_model
 from ns_extreme.models.layers import (
     Attention,
-    Linear,
     RopeTables,
     RotaryPositionEmbedding2D,
+    narrowable_linears,
     patch_positions,
     store_weights_in,
 )
@@ -272,7 +272,11 @@ def tiny_load(name: str, path, **kwargs):
 
 
 def linear_weight_names(model: torch.nn.Module) -> set[str]:
-    return {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, Linear)}
+    """The Linear matrices stored narrow: all but the heads' (they compute in float32, as the reference)."""
+    names = {f"{n}.weight" for n, _ in narrowable_linears(model)}
+    heads = tuple(f"{h}." for h in model.float32_modules)
+    assert names and not any(n.startswith(heads) for n in names)
+    return names
 
 
 def outputs(model, heads=None) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -233,11 +233,24 @@ class PairDataset(Dataset):
         }
 
 
-def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack items into ``images [B, 2, 3, H, W]`` (white-padded to the largest H / W), ``R_gt [B, 2, 3, 3]``."""
+def collate_pairs(
+    items: Sequence[dict[str, Any]], pad_shapes: Mapping[int, tuple[int, int, int]] | None = None
+) -> dict[str, Any]:
+    """Stack items into ``images [B, 2, 3, H, W]`` (white-padded to the largest H / W), ``R_gt [B, 2, 3, 3]``.
+
+    ``pad_shapes`` (data-parallel training) maps a pair index to ``(H, W, size)`` of the global batch it is part
+    of: a rank's slice is padded as the whole batch would be, and ``global_size`` says how many pairs it has (an
+    empty slice, when the last batch has fewer pairs than ranks, collates to a batch of 0 pairs)."""
+    if not items:
+        return {"index": torch.zeros(0, dtype=torch.long), "global_size": _global_size(pad_shapes)}
     H = max(it["images"].shape[-2] for it in items)
     W = max(it["images"].shape[-1] for it in items)
+    size = len(items)
+    if pad_shapes is not None:
+        gh, gw, size = pad_shapes[int(items[0]["index"])]
+        H, W = max(H, gh), max(W, gw)
     return {
+        "global_size": size,
         "images": torch.stack([pad_to(it["images"], H, W) for it in items]),
         "R_gt": torch.stack([it["R_gt"] for it in items]),
         "overlap": [it["overlap"] for it in items],
@@ -246,16 +259,35 @@ def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _global_size(pad_shapes: Mapping[int, tuple[int, int, int]] | None) -> int:
+    # an empty slice only occurs in the last (short) batch, whose size the sampler stored under key -1
+    return int(pad_shapes[-1][2]) if pad_shapes and -1 in pad_shapes else 0
+
+
 class EpochBatchSampler:
     """Batches of ``(epoch, index)`` of one epoch: a permutation seeded by ``(seed, epoch)`` (or the list order
     without ``shuffle``), cut into batches of ``batch_size`` (last one smaller), from batch ``start`` on.
 
-    Deterministic, so a resumed run can skip exactly the batches it already trained on.
+    Deterministic, so a resumed run can skip exactly the batches it already trained on. With ``world_size`` > 1
+    each global batch is cut into ``world_size`` contiguous slices and rank ``rank`` gets its slice (possibly
+    empty in a short last batch): the ranks together see exactly the batches one process would.
     """
 
-    def __init__(self, n: int, batch_size: int, epoch: int, seed: int, shuffle: bool = True, start: int = 0) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        epoch: int,
+        seed: int,
+        shuffle: bool = True,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of {world_size}")
         self.n, self.batch_size, self.epoch, self.seed, self.shuffle, self.start = (
             n,
             batch_size,
@@ -264,6 +296,7 @@ class EpochBatchSampler:
             shuffle,
             start,
         )
+        self.rank, self.world_size = rank, world_size
 
     @staticmethod
     def batches_per_epoch(n: int, batch_size: int) -> int:
@@ -275,10 +308,29 @@ class EpochBatchSampler:
         g = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch, 7919))
         return torch.randperm(self.n, generator=g).tolist()
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def global_batches(self) -> Iterator[list[int]]:
+        """The pair indices of each global batch from ``start`` on (all ranks together)."""
         order = self._order()
         for b in range(self.start, self.batches_per_epoch(self.n, self.batch_size)):
-            yield [(self.epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.global_batches():
+            k, extra = divmod(len(batch), self.world_size)
+            lo = self.rank * k + min(self.rank, extra)
+            hi = lo + k + (1 if self.rank < extra else 0)
+            yield [(self.epoch, i) for i in batch[lo:hi]]
+
+    def global_pad_shapes(self, expected_shape: Callable[[int], tuple[int, int]]) -> dict[int, tuple[int, int, int]]:
+        """Pair index -> ``(H, W, size)`` of its global batch (``expected_shape``: a pair's preprocessed shape),
+        for ``collate_pairs(pad_shapes=...)``; key -1 holds the last batch (for empty rank slices)."""
+        out: dict[int, tuple[int, int, int]] = {}
+        for batch in self.global_batches():
+            shapes = [expected_shape(i) for i in batch]
+            entry = (max(h for h, _ in shapes), max(w for _, w in shapes), len(batch))
+            out.update({i: entry for i in batch})
+            out[-1] = entry
+        return out
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch(self.n, self.batch_size) - self.start)

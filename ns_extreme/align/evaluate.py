@@ -31,6 +31,7 @@ import torch
 import tyro
 from typing_extensions import Annotated
 
+from ns_extreme import distributed
 from ns_extreme.align.console import say
 from ns_extreme.align.data import PairDataset, collate_pairs, load_pair_list, resolve_images_root
 from ns_extreme.align.metrics import format_table, rotation_errors_deg, summarize
@@ -100,6 +101,8 @@ class EvalConfig:
     """Address the pair browser listens on (loopback by default)."""
     view_port: int = 8080
     """Port of the pair browser."""
+    collective_timeout: float = 1800.0
+    """Under torchrun: seconds a rank waits for the others before it stops with an error (a rank that died)."""
 
     def validate(self) -> None:
         if not self.models:
@@ -209,25 +212,29 @@ def predict_rotations(
     num_workers: int = 0,
     progress: bool = False,
     desc: str = "",
+    indices: Optional[list[int]] = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run a predictor over a dataset in order: (predicted relative rotations [N, 3, 3], GT ones [N, 3, 3])."""
+    """Run a predictor over a dataset in order: (predicted relative rotations [N, 3, 3], GT ones [N, 3, 3]).
+
+    ``indices``: only these pairs (a rank's shard); the rows of the others stay NaN."""
     # Pairs are batched only with pairs of the same preprocessed shape, so batching never adds padding: every
     # pair sees exactly the input it would see alone (the paper's protocol).
     by_shape: dict[tuple[int, int], list[int]] = {}
-    for i in range(len(dataset)):
+    for i in range(len(dataset)) if indices is None else indices:
         by_shape.setdefault(dataset.expected_shape(i), []).append(i)
     batches = [idx[b : b + batch_size] for idx in by_shape.values() for b in range(0, len(idx), batch_size)]
     batches.sort(key=lambda b: b[0])
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=batches, collate_fn=collate_pairs, num_workers=num_workers
     )
-    pred_rel = np.zeros((len(dataset), 3, 3))
-    gt_rel = np.zeros((len(dataset), 3, 3))
+    pred_rel = np.full((len(dataset), 3, 3), np.nan if indices is not None else 0.0)
+    gt_rel = pred_rel.copy()
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(dataset), desc=desc or "eval", unit="pair", dynamic_ncols=True)
+        total = len(dataset) if indices is None else len(indices)
+        bar = tqdm(total=total, desc=desc or "eval", unit="pair", dynamic_ncols=True)
     try:
         for batch in loader:
             R = predictor(batch).detach().to("cpu", torch.float64).numpy()
@@ -255,18 +262,41 @@ def _json_matrix(M: np.ndarray) -> Optional[list[list[float]]]:
 
 def evaluate(
     cfg: EvalConfig, *, predictors: Optional[Mapping[str, Predictor]] = None, console: Any = None
-) -> EvalResult:
-    """Evaluate every model of ``cfg.models`` (or the given ``predictors``, label -> predictor) and write the report."""
+) -> Optional[EvalResult]:
+    """Evaluate every model of ``cfg.models`` (or the given ``predictors``, label -> predictor) and write the report.
+
+    Under torchrun the pairs are sharded over the ranks (round-robin) and gathered on rank 0, which writes the
+    same report as one process and returns the result; the other ranks return None."""
     cfg.validate()
+    device = resolve_device(cfg.device)
+    with distributed.process_group(device, cfg.collective_timeout):
+        return _evaluate(cfg, device, predictors, console if distributed.is_main_process() else None)
+
+
+def _gather_rows(indices: list[int], pred_rel: np.ndarray, gt_rel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rank 0: every rank's rows of its shard put together (a no-op in one process)."""
+    parts = distributed.gather_object((indices, pred_rel[indices], gt_rel[indices]))
+    if parts is None or len(parts) == 1:
+        return pred_rel, gt_rel
+    for idx, pred, gt in parts:
+        pred_rel[idx], gt_rel[idx] = pred, gt
+    return pred_rel, gt_rel
+
+
+def _evaluate(
+    cfg: EvalConfig, device: torch.device, predictors: Optional[Mapping[str, Predictor]], console: Any
+) -> Optional[EvalResult]:
+    main = distributed.is_main_process()
     check_output_location(cfg.output_dir, "--output-dir", inside=True)  # before minutes of inference
+    distributed.check_same_on_all_ranks("options or pair lists", [repr(cfg), distributed.file_fingerprint(cfg.pairs)])
     pairs = load_pair_list(cfg.pairs)
     if cfg.max_pairs is not None:
         pairs.records = pairs.records[: cfg.max_pairs]
     root = resolve_images_root(pairs, cfg.pairs, cfg.images_root)
     dataset = PairDataset(pairs, root, image_size=cfg.image_size, cache=False)
     labels = pairs.overlap_labels()
+    shard = distributed.shard(range(len(dataset))) if distributed.world_size() > 1 else None
 
-    device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     autocast_dtype = None if dtype == torch.float32 else dtype
     errors: dict[str, np.ndarray] = {}
@@ -306,7 +336,14 @@ def evaluate(
             say(console, load_report.summary())
         else:
             model, predictor, entry = None, job, {"alignment": "custom predictor"}
-        pred_rel, gt = predict_rotations(predictor, dataset, cfg.batch_size, cfg.num_workers, cfg.progress, desc=label)
+        pred_rel, gt = predict_rotations(
+            predictor, dataset, cfg.batch_size, cfg.num_workers, cfg.progress and main, desc=label, indices=shard
+        )
+        if shard is not None:
+            pred_rel, gt = _gather_rows(shard, pred_rel, gt)
+            if not main:
+                del model, predictor
+                continue
         gt_rel = gt
         errors[label] = rotation_errors_deg(pred_rel, gt)
         pred_angles[label] = geodesic_angle_deg(pred_rel, np.eye(3))
@@ -315,6 +352,8 @@ def evaluate(
         models_report[label] = entry
         del model, predictor
 
+    if not main:
+        return None
     summaries = {label: summarize(e, labels) for label, e in errors.items()}
     for label in summaries:
         models_report[label]["summary"] = summaries[label]

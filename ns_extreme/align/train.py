@@ -26,9 +26,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import importlib.util
 import json
 import logging
 import math
+import os
 import pickle
 import random
 import re
@@ -45,6 +49,7 @@ import tyro
 from torch import nn
 from typing_extensions import Annotated
 
+from ns_extreme import distributed
 from ns_extreme.align.console import say
 from ns_extreme.align.data import (
     AugmentConfig,
@@ -71,6 +76,7 @@ __all__ = [
     "latest_checkpoint",
     "read_train_checkpoint",
     "lr_factor",
+    "Trainer",
 ]
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,12 @@ class TrainConfig:
     """Continue from the newest checkpoint in output_dir/checkpoints."""
     progress: bool = True
     """Show a progress bar."""
+    logger: Literal["tensorboard", "wandb"] = "tensorboard"
+    """Where the training curves go: TensorBoard event files in output_dir, or a Weights & Biases run in
+    output_dir/wandb (needs `pip install wandb`; offline unless WANDB_MODE=online, sync later with `wandb sync`)."""
+    collective_timeout: float = 1800.0
+    """Under torchrun: seconds a rank waits for the others in a collective before it stops with an error (a rank
+    that died or hangs); must cover rank 0 writing a checkpoint."""
     preset: Optional[Path] = None
     """YAML/JSON/TOML file of option defaults, e.g. configs/align_vggt_paper.yaml (its `train:` section);
     options given on the command line override it."""
@@ -199,6 +211,16 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        world = distributed.env_world_size()
+        if self.batch_size % world:
+            raise ValueError(
+                f"--batch-size {self.batch_size} (the global batch) does not divide over {world} ranks: use a "
+                f"multiple of {world}, e.g. {max(world, self.batch_size // world * world)}"
+            )
+        if self.collective_timeout <= 0:
+            raise ValueError(f"--collective-timeout must be positive, got {self.collective_timeout}")
+        if self.logger == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("--logger wandb needs the wandb package (pip install wandb), or use --logger tensorboard")
         AugmentConfig(self.color_jitter, self.swap_prob)  # validates
         get_spec(self.model)  # unknown model -> ValueError
 
@@ -386,6 +408,7 @@ def _write_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: TrainConfig,
     total_steps: int,
+    run_config: dict[str, Any],
 ) -> Path:
     path = output_dir / "checkpoints" / f"step-{step:06d}.ckpt"
     torch_save_atomic(
@@ -401,7 +424,7 @@ def _write_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
-            "config": json.dumps(cfg.to_json()),
+            "config": json.dumps(run_config),
         },
         path,
     )
@@ -436,210 +459,399 @@ def _check_resume_compatible(
 
 def train(cfg: TrainConfig, *, console: Any = None) -> TrainResult:
     """Run (or resume) bias alignment as configured; returns what was done. Raises ValueError / FileNotFoundError
-    subclasses for user mistakes (bad pair list, missing images, bad checkpoint, ...)."""
+    subclasses for user mistakes (bad pair list, missing images, bad checkpoint, ...).
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this: the process group is started here and closed on
+    the way out (see ``Trainer``)."""
     cfg.validate()
-    spec = get_spec(cfg.model)
-    output_dir = Path(cfg.output_dir)
-    existing = find_checkpoints(output_dir)
-    if existing and not cfg.resume:
-        raise FileExistsError(
-            f"{output_dir} already holds training checkpoints (newest step {existing[-1][0]}); "
-            "pass --resume to continue, or choose another --output-dir"
-        )
-    check_output_location(output_dir, "--output-dir", inside=True)  # before the model loads
-    resume_path = existing[-1][1] if (cfg.resume and existing) else None
-    ckpt = read_train_checkpoint(resume_path) if resume_path is not None else None
-
-    pairs = load_pair_list(cfg.pairs)
-    if cfg.max_pairs is not None:
-        pairs.records = pairs.records[: cfg.max_pairs]
-    root = resolve_images_root(pairs, cfg.pairs, cfg.images_root)
-    dataset = PairDataset(
-        pairs,
-        root,
-        image_size=cfg.image_size,
-        augment=AugmentConfig(cfg.color_jitter, cfg.swap_prob),
-        seed=cfg.seed,
-        cache=cfg.cache_images,
-    )
-
     device = resolve_device(cfg.device)
-    model = load_model(
-        cfg.model,
-        weights=cfg.weights,
-        alignment=cfg.init_alignment,
-        device=device,
-        dtype=torch.float32,
-        config=model_config_for(cfg.model, cfg.model_size),
-        seed=cfg.seed,
-    )
-    names = select_bias_names(model, cfg.model, cfg.bias_set)
-    params = dict(model.named_parameters())
-    model.requires_grad_(False)
-    for n in names:
-        params[n].requires_grad_(True)
-    trainable = [params[n] for n in names]
-    if {n for n, p in model.named_parameters() if p.requires_grad} != set(names):  # load_model froze everything
-        raise RuntimeError("internal error: parameters outside the bias set require gradients")
-    model.eval()  # no dropout / batch norm in these backbones; eval keeps inference behaviour identical
-    model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+    with distributed.process_group(device, cfg.collective_timeout):
+        trainer = Trainer(cfg, device, console)
+        trainer.setup()
+        return trainer.train()
 
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    per_epoch = EpochBatchSampler.batches_per_epoch(len(dataset), cfg.batch_size)
-    total_steps = cfg.epochs * per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.warmup_steps, total_steps, cfg.schedule, cfg.min_lr_ratio)
-    )
 
-    step = 0
-    if ckpt is not None:
-        _check_resume_compatible(ckpt, cfg, names, total_steps, resume_path)
+class Trainer:
+    """One training run, in the shape of nerfstudio's ``Trainer``: ``setup`` (data, model, optimizer, resume),
+    ``train_step`` (one optimizer step on a global batch), ``save_checkpoint`` / ``load_checkpoint``, ``train``.
+
+    Data parallel over the ranks of the process group (if any): each global batch of ``batch_size`` pairs is
+    split into contiguous rank slices, each rank's loss is its pairs' sum divided by the *global* batch size and
+    the bias gradients are summed over the ranks (one all-reduce of the few trainable tensors, as DDP's single
+    bucket would), so every rank takes the same step as one process on the whole batch, to float round-off.
+    Only rank 0 logs, shows progress and writes files.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, console: Any = None) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.console = console if distributed.is_main_process() else None
+        self.spec = get_spec(cfg.model)
+        self.output_dir = Path(cfg.output_dir)
+        self.world_size = distributed.world_size()
+        self.rank = distributed.rank()
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self.resume_path: Optional[Path] = None
+
+    # -------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        existing = find_checkpoints(self.output_dir)
+        if existing and not cfg.resume:
+            raise FileExistsError(
+                f"{self.output_dir} already holds training checkpoints (newest step {existing[-1][0]}); "
+                "pass --resume to continue, or choose another --output-dir"
+            )
+        check_output_location(self.output_dir, "--output-dir", inside=True)  # before the model loads
+        distributed.check_same_on_all_ranks(
+            "options or pair lists", {"options": cfg.to_json(), "pairs": distributed.file_fingerprint(cfg.pairs)}
+        )
+        self.resume_path = existing[-1][1] if (cfg.resume and existing) else None
+        ckpt = read_train_checkpoint(self.resume_path) if self.resume_path is not None else None
+
+        pairs = load_pair_list(cfg.pairs)
+        if cfg.max_pairs is not None:
+            pairs.records = pairs.records[: cfg.max_pairs]
+        root = resolve_images_root(pairs, cfg.pairs, cfg.images_root)
+        self.dataset = PairDataset(
+            pairs,
+            root,
+            image_size=cfg.image_size,
+            augment=AugmentConfig(cfg.color_jitter, cfg.swap_prob),
+            seed=cfg.seed,
+            cache=cfg.cache_images,
+        )
+
+        self.model = load_model(
+            cfg.model,
+            weights=cfg.weights,
+            alignment=cfg.init_alignment,
+            device=self.device,
+            dtype=torch.float32,
+            config=model_config_for(cfg.model, cfg.model_size),
+            seed=cfg.seed,
+        )
+        model = self.model
+        self.names = select_bias_names(model, cfg.model, cfg.bias_set)
+        self.params = dict(model.named_parameters())
+        model.requires_grad_(False)
+        for n in self.names:
+            self.params[n].requires_grad_(True)
+        self.trainable = [self.params[n] for n in self.names]
+        if {n for n, p in model.named_parameters() if p.requires_grad} != set(self.names):
+            raise RuntimeError("internal error: parameters outside the bias set require gradients")
+        model.eval()  # no dropout / batch norm in these backbones; eval keeps inference behaviour identical
+        model.set_gradient_checkpointing(cfg.gradient_checkpointing)
+
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        self.per_epoch = EpochBatchSampler.batches_per_epoch(len(self.dataset), cfg.batch_size)
+        self.total_steps = cfg.epochs * self.per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.schedule, cfg.min_lr_ratio),
+        )
+        if ckpt is not None:
+            self.load_checkpoint(ckpt, self.resume_path)
+        else:
+            if cfg.resume:
+                say(self.console, f"--resume: no checkpoint in {self.output_dir / 'checkpoints'}, starting from step 0")
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed % (2**32))
+            torch.manual_seed(cfg.seed)
+        self.resumed = ckpt is not None
+        self.stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+
+        if distributed.is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.output_dir / "config.json", self.run_config())
+        n_params = sum(p.numel() for p in self.trainable)
+        say(
+            self.console,
+            f"{model.load_report.summary()}\n"
+            f"training {n_params:,} parameters in {len(self.names)} tensors on the relative-rotation loss"
+            + (" + first-camera anchor" if self.spec.reference_frame else " (no anchor term)")
+            + f"; {len(self.dataset)} pairs, {self.per_epoch} steps/epoch, "
+            f"{cfg.epochs} epochs = {self.total_steps} steps"
+            + (f" (stopping at {self.stop_at})" if self.stop_at < self.total_steps else "")
+            + (f"; resuming at step {self.step}" if self.resumed else "")
+            + (
+                f"; {self.world_size} ranks, {cfg.batch_size // self.world_size} "
+                + ("pair" if cfg.batch_size == self.world_size else "pairs")
+                + " each per step"
+                if self.world_size > 1
+                else ""
+            ),
+        )
+
+    def run_config(self) -> dict[str, Any]:
+        """The run's configuration as written to config.json (and into checkpoints)."""
+        return {**self.cfg.to_json(), "world_size": self.world_size}
+
+    # -------------------------------------------------------------------------------------------- checkpoints
+
+    def load_checkpoint(self, ckpt: dict[str, Any], path: Optional[Path]) -> None:
+        """Restore biases, optimizer, scheduler, RNG and step (from a run with any number of ranks)."""
+        _check_resume_compatible(ckpt, self.cfg, self.names, self.total_steps, path)
         with torch.no_grad():
-            for n in names:
-                params[n].copy_(ckpt["biases"][n].to(params[n]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
+            for n in self.names:
+                self.params[n].copy_(ckpt["biases"][n].to(self.params[n]))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
         _set_rng_state(ckpt["rng"])
-        step = int(ckpt["step"])
-        log.info("resumed from %s at step %d", resume_path, step)
-    else:
-        if cfg.resume:
-            say(console, f"--resume: no checkpoint in {output_dir / 'checkpoints'}, starting from step 0")
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed % (2**32))
-        torch.manual_seed(cfg.seed)
+        self.step = int(ckpt["step"])
+        log.info("resumed from %s at step %d", path, self.step)
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(output_dir / "config.json", cfg.to_json())
-    stop_at = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
-    n_params = sum(p.numel() for p in trainable)
-    say(
-        console,
-        f"{model.load_report.summary()}\n"
-        f"training {n_params:,} parameters in {len(names)} tensors on the relative-rotation loss"
-        + (" + first-camera anchor" if spec.reference_frame else " (no anchor term)")
-        + f"; {len(dataset)} pairs, {per_epoch} steps/epoch, "
-        f"{cfg.epochs} epochs = {total_steps} steps"
-        + (f" (stopping at {stop_at})" if stop_at < total_steps else "")
-        + (f"; resuming at step {step}" if ckpt is not None else ""),
-    )
+    def save_checkpoint(self) -> Optional[Path]:
+        """Rank 0 writes ``checkpoints/step-N.ckpt`` atomically (the other ranks hold the same state)."""
+        if not distributed.is_main_process():
+            return None
+        return _write_checkpoint(
+            self.output_dir,
+            self.step,
+            self.step // self.per_epoch,
+            self.model,
+            self.names,
+            self.optimizer,
+            self.scheduler,
+            self.cfg,
+            self.total_steps,
+            self.run_config(),
+        )
 
-    writer = _LazySummaryWriter(str(output_dir), purge_step=step if ckpt is not None else None)
-    history: list[dict[str, float]] = []
-    stop = _StopFlag()
-    last_ckpt: Optional[Path] = resume_path
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
+    # -------------------------------------------------------------------------------------------- one step
 
-        bar = tqdm(total=stop_at, initial=min(step, stop_at), desc="align", unit="step", dynamic_ncols=True)
-    try:
-        with stop.installed():
-            while step < stop_at and not stop:
-                epoch, start = divmod(step, per_epoch)
-                sampler = EpochBatchSampler(len(dataset), cfg.batch_size, epoch, cfg.seed, shuffle=True, start=start)
-                loader = torch.utils.data.DataLoader(
-                    dataset,
-                    batch_sampler=sampler,
-                    collate_fn=collate_pairs,
-                    num_workers=cfg.num_workers,
-                    worker_init_fn=_ignore_sigint if cfg.num_workers > 0 else None,
-                )
-                for batch in loader:
-                    t0 = time.perf_counter()
-                    images = batch["images"].to(device, non_blocking=True)
-                    R_gt = batch["R_gt"].to(device, torch.float32)
-                    with autocast:
-                        out = model(images, heads=CAMERA_HEADS)
-                    loss = rotation_loss(spec.w2c_rotations(out), R_gt, spec.reference_frame, cfg.loss_iterations)
-                    if not torch.isfinite(loss.loss):
-                        raise FloatingPointError(
-                            f"non-finite loss at step {step} (NaN/Inf in the model outputs): check --weights and "
-                            "--init-alignment, lower --lr, or disable --bf16"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.loss.backward()
-                    if cfg.grad_clip > 0:
-                        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-                    else:
-                        grad_norm = float(
-                            torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trainable]))
-                        )
-                    if not math.isfinite(grad_norm):
-                        # e.g. π³'s SVD camera head when its 3x3 output is already orthonormal to float precision:
-                        # stop before the optimizer writes NaN into the biases (and into the next checkpoint)
-                        raise FloatingPointError(
-                            f"non-finite gradient at step {step} (loss "
-                            f"{float(loss.loss.detach()):.4g}): stopped before "
-                            "updating the biases, earlier checkpoints are intact; check --weights and "
-                            "--init-alignment, "
-                            "lower --lr, or disable --bf16"
-                        )
-                    lr = optimizer.param_groups[0]["lr"]
-                    optimizer.step()
-                    scheduler.step()
-                    step += 1
-                    record = {
-                        "step": step,
-                        "loss": float(loss.loss.detach()),
-                        "rel_error_deg": float(torch.rad2deg(loss.rel_error).mean()),
-                        "anchor_error_deg": float(torch.rad2deg(loss.anchor_error).mean()),
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "seconds": time.perf_counter() - t0,
-                    }
-                    history.append(record)
-                    if step % cfg.log_every == 0 or step == stop_at:
-                        for key in ("loss", "rel_error_deg", "anchor_error_deg", "lr", "grad_norm"):
-                            writer.add_scalar(f"train/{key}", record[key], step)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(
-                            loss=f"{record['loss']:.4f}", err=f"{record['rel_error_deg']:.1f}°", refresh=False
-                        )
-                    if step % cfg.checkpoint_every == 0 and step < stop_at:
-                        last_ckpt = _write_checkpoint(
-                            output_dir, step, epoch, model, names, optimizer, scheduler, cfg, total_steps
-                        )
-                    if step >= stop_at or stop:
-                        break
-            found = find_checkpoints(output_dir)
-            if found and found[-1][0] == step:
-                last_ckpt = found[-1][1]
-            else:
-                last_ckpt = _write_checkpoint(
-                    output_dir, step, step // per_epoch, model, names, optimizer, scheduler, cfg, total_steps
-                )
-    finally:
-        if bar is not None:
-            bar.close()
-        writer.flush()
-        writer.close()
+    def _loader(self, epoch: int, start: int) -> torch.utils.data.DataLoader:
+        sampler = EpochBatchSampler(
+            len(self.dataset),
+            self.cfg.batch_size,
+            epoch,
+            self.cfg.seed,
+            shuffle=True,
+            start=start,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        # every rank pads its slice to the shape of the whole global batch, as one process would pad it
+        shapes = sampler.global_pad_shapes(self.dataset.expected_shape)
+        return torch.utils.data.DataLoader(
+            self.dataset,
+            batch_sampler=sampler,
+            collate_fn=functools.partial(collate_pairs, pad_shapes=shapes),
+            num_workers=self.cfg.num_workers,
+            worker_init_fn=_ignore_sigint if self.cfg.num_workers > 0 else None,
+        )
 
-    biases = bias_state_dict(model, names)
-    completed = not stop
-    export = None
-    if completed:
-        export = output_dir / "biases.pth"
-        write_bias_checkpoint(export, biases)
-        say(console, f"done at step {step}/{total_steps}: tuned biases in {export} (load with --alignment {export})")
-    else:
-        say(console, f"interrupted at step {step}/{total_steps}: checkpoint {last_ckpt}; continue with --resume")
-    return TrainResult(
-        output_dir=output_dir,
-        step=step,
-        total_steps=total_steps,
-        completed=completed,
-        bias_names=names,
-        biases=biases,
-        history=history,
-        checkpoint=last_ckpt,
-        export=export,
-        stop_signal=stop.signal,
-        model=model,
-        optimizer=optimizer,
-    )
+    def train_step(self, batch: dict[str, Any], stop: Any = False) -> tuple[dict[str, float], bool]:
+        """One optimizer step on this rank's slice of a global batch; returns the step's record (global numbers)
+        and whether any rank was asked to stop (``stop``: this rank's flag, read after the backward pass)."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        n_local = len(batch["index"])
+        n_global = int(batch["global_size"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_local = torch.zeros((), device=self.device)
+        rel_sum = anchor_sum = torch.zeros((), device=self.device)
+        if n_local:
+            images = batch["images"].to(self.device, non_blocking=True)
+            R_gt = batch["R_gt"].to(self.device, torch.float32)
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                out = self.model(images, heads=CAMERA_HEADS)
+            loss = rotation_loss(self.spec.w2c_rotations(out), R_gt, self.spec.reference_frame, cfg.loss_iterations)
+            # the batch mean over this rank's pairs, reweighted to their share of the global batch
+            loss_local = loss.loss if n_local == n_global else loss.loss * (n_local / n_global)
+            loss_local.backward()
+            rel_sum, anchor_sum = torch.rad2deg(loss.rel_error).sum(), torch.rad2deg(loss.anchor_error).sum()
+        stats = torch.stack([loss_local.detach().float(), rel_sum.float(), anchor_sum.float()]).cpu().double()
+        # the stop flag is read after the backward pass: a signal that arrived during this step ends the run here
+        stats = torch.cat([stats, torch.tensor([float(bool(stop))], dtype=torch.float64)])
+        if self.world_size > 1:
+            self._all_reduce_gradients()
+            stats = distributed.all_reduce_sum(stats.to(self.device)).cpu()
+        total_loss = float(stats[0])
+        if not math.isfinite(total_loss):
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step} (NaN/Inf in the model outputs): check --weights and "
+                "--init-alignment, lower --lr, or disable --bf16"
+            )
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip))
+        else:
+            grad_norm = float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.trainable]))
+            )
+        if not math.isfinite(grad_norm):
+            # e.g. π³'s SVD camera head when its 3x3 output is already orthonormal to float precision:
+            # stop before the optimizer writes NaN into the biases (and into the next checkpoint)
+            raise FloatingPointError(
+                f"non-finite gradient at step {self.step} (loss {total_loss:.4g}): stopped before updating the "
+                "biases, earlier checkpoints are intact; check --weights and --init-alignment, lower --lr, or "
+                "disable --bf16"
+            )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        record = {
+            "step": self.step,
+            "loss": total_loss,
+            "rel_error_deg": float(stats[1]) / n_global,
+            "anchor_error_deg": float(stats[2]) / n_global,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "seconds": time.perf_counter() - t0,
+        }
+        return record, bool(stats[3] > 0)
+
+    def _all_reduce_gradients(self) -> None:
+        """Sum the trainable biases' gradients over the ranks in one flat buffer."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+        flat = distributed.all_reduce_sum(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for p in self.trainable:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
+    # -------------------------------------------------------------------------------------------- the loop
+
+    def train(self) -> TrainResult:
+        cfg = self.cfg
+        main = distributed.is_main_process()
+        # a resumed run drops the logged points after its checkpoint (written by the steps it repeats)
+        purge = self.step + 1 if self.resumed else None
+        logger = _make_logger(cfg, self.output_dir, purge, self.run_config(), main)
+        stop = _StopFlag()
+        stopped = False
+        last_ckpt: Optional[Path] = self.resume_path
+        bar = None
+        if cfg.progress and main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=self.stop_at, initial=min(self.step, self.stop_at), desc="align", unit="step", dynamic_ncols=True
+            )
+        try:
+            with stop.installed():
+                while self.step < self.stop_at and not stopped:
+                    epoch, start = divmod(self.step, self.per_epoch)
+                    for batch in self._loader(epoch, start):
+                        record, stopped = self.train_step(batch, stop=stop)
+                        self.history.append(record)
+                        if self.step % cfg.log_every == 0 or self.step == self.stop_at:
+                            for key in ("loss", "rel_error_deg", "anchor_error_deg", "lr", "grad_norm"):
+                                logger.add_scalar(f"train/{key}", record[key], self.step)
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(
+                                loss=f"{record['loss']:.4f}", err=f"{record['rel_error_deg']:.1f}°", refresh=False
+                            )
+                        if self.step % cfg.checkpoint_every == 0 and self.step < self.stop_at:
+                            last_ckpt = self.save_checkpoint() or last_ckpt
+                        if self.step >= self.stop_at or stopped:
+                            break
+                found = find_checkpoints(self.output_dir)
+                if main and found and found[-1][0] == self.step:
+                    last_ckpt = found[-1][1]
+                else:
+                    last_ckpt = self.save_checkpoint() or last_ckpt
+        finally:
+            if bar is not None:
+                bar.close()
+            logger.flush()
+            logger.close()
+
+        biases = bias_state_dict(self.model, self.names)
+        completed = not stopped
+        export = None
+        if completed:
+            export = self.output_dir / "biases.pth"
+            if main:
+                write_bias_checkpoint(export, biases)
+            say(
+                self.console,
+                f"done at step {self.step}/{self.total_steps}: tuned biases in {export} "
+                f"(load with --alignment {export})",
+            )
+        else:
+            say(
+                self.console,
+                f"interrupted at step {self.step}/{self.total_steps}: checkpoint {last_ckpt}; continue with --resume",
+            )
+        distributed.barrier()  # every rank returns once rank 0's files are complete
+        if not main:
+            last_ckpt = self.output_dir / "checkpoints" / f"step-{self.step:06d}.ckpt"
+        return TrainResult(
+            output_dir=self.output_dir,
+            step=self.step,
+            total_steps=self.total_steps,
+            completed=completed,
+            bias_names=self.names,
+            biases=biases,
+            history=self.history,
+            checkpoint=last_ckpt,
+            export=export,
+            stop_signal=stop.signal if stop.signal is not None else (signal.SIGTERM if stopped else None),
+            model=self.model,
+            optimizer=self.optimizer,
+        )
+
+
+def _make_logger(cfg: TrainConfig, output_dir: Path, purge_step: Optional[int], config: dict[str, Any], main: bool):
+    if not main:
+        return _NullLogger()
+    if cfg.logger == "wandb":
+        return _WandbLogger(output_dir, config, resumed=purge_step is not None)
+    return _LazySummaryWriter(str(output_dir), purge_step=purge_step)
+
+
+class _NullLogger:
+    """What ranks other than 0 log to."""
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _WandbLogger:
+    """Weights & Biases run in ``output_dir/wandb`` (offline unless ``WANDB_MODE`` says otherwise: sync later with
+    ``wandb sync``); started at the first scalar, like the TensorBoard writer."""
+
+    def __init__(self, output_dir: Path, config: dict[str, Any], resumed: bool) -> None:
+        self.output_dir, self.config, self.resumed = output_dir, config, resumed
+        self._run: Any = None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._run is None:
+            import wandb
+
+            self._run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", "ns-extreme-align"),
+                name=self.output_dir.name,
+                dir=str(self.output_dir),
+                config=self.config,
+                mode=os.environ.get("WANDB_MODE", "offline"),
+                resume="allow" if self.resumed else None,
+                id=_wandb_run_id(self.output_dir),
+            )
+        self._run.log({tag: value}, step=step)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._run is not None:
+            self._run.finish()
+
+
+def _wandb_run_id(output_dir: Path) -> str:
+    """One W&B run per output folder, so that a resumed run continues its curves."""
+    return "align-" + hashlib.sha256(str(output_dir.absolute()).encode()).hexdigest()[:12]
 
 
 class _LazySummaryWriter:

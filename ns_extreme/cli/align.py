@@ -306,7 +306,7 @@ def run(cfg: Any) -> int:
         from ns_extreme.align.evaluate import evaluate
 
         result = evaluate(cfg, console=console)
-        if cfg.view:
+        if cfg.view and result is not None:  # None: a rank other than 0 under torchrun
             from ns_extreme.viewer.pairs_browser import serve_pairs_browser
 
             serve_pairs_browser(result.report_path, host=cfg.view_host, port=cfg.view_port, say=console.print)

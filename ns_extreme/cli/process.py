@@ -113,6 +113,18 @@ class ExtremePoses:
     """Also run the pretrained (unaligned) model and store its poses in extreme_poses.json for comparison."""
     depth_format: Literal["png", "npy", "none"] = "png"
     """Per-view depth maps: 16-bit PNG in millimetres of the dataset unit, float32 .npy, or none."""
+    camera_model: Optional[Literal["OPENCV", "OPENCV_FISHEYE"]] = None
+    """Lens of the photos when known (one camera for all, COLMAP's models): they are undistorted first (OpenCV) and
+    posed and exported as pinhole images; the original distortion goes to extreme_poses.json. Needs --camera-params."""
+    camera_params: Optional[str] = None
+    """OPENCV: fx,fy,cx,cy,k1,k2,p1,p2; OPENCV_FISHEYE: fx,fy,cx,cy,k1,k2,k3,k4 (pixels of the upright originals,
+    COLMAP convention)."""
+    fisheye_fov: float = 90.0
+    """OPENCV_FISHEYE only: horizontal field of view, degrees, of the pinhole view fisheye photos are undistorted to
+    (same size and principal point)."""
+    num_downscales: int = 3
+    """Also write images_2, images_4, ... images_(2**N) downscaled copies (as nerfstudio's ns-process-data does;
+    gsplat --data_factor N, nerfstudio --downscale-factor N); 0 = none."""
     write_normals: bool = True
     """Models with a normal head (worldmirror): write normals/ (camera-frame unit normals as RGB PNG, original
     resolution; listed in transforms.json as normal_file_path)."""
@@ -126,6 +138,9 @@ class ExtremePoses:
     """Replace an existing output folder."""
     verbose: bool = False
     """Log more, and print tracebacks on errors."""
+    collective_timeout: float = 1800.0
+    """Under torchrun: seconds a rank waits for the others (e.g. for rank 0 loading images) before it stops with
+    an error (a rank that died or hangs)."""
 
     def __post_init__(self) -> None:
         # Options a model cannot honour fail before any image is read (torch-free checks).
@@ -201,7 +216,90 @@ class ExtremePoses:
                 "can be used, posing needs at "
                 f"least 2 (skipped: {shown}); replace or remove the unreadable files, or add more photos"
             )
-        return list(screen.usable)
+        usable = list(screen.usable)
+        if self.camera_model is not None or self.camera_params is not None:
+            usable = self._undistort(usable)
+        elif self._colmap_poses_from():
+            usable = self._undistort_known(usable)
+        if self.num_downscales < 0:
+            raise ValueError(f"--num-downscales must be 0 or more, got {self.num_downscales}")
+        if self.posing.masks is not None:
+            from ns_extreme.io.masks import mask_files_by_stem
+
+            mask_files_by_stem(self.posing.masks, list(screen.usable))
+        from ns_extreme.posing.metric_scale import ScaleFromDistance, parse_scale_from
+
+        self.posing.check_world_options()
+        spec = parse_scale_from(self.posing.scale_from)
+        names = [p.name for p in screen.usable]
+        if isinstance(spec, ScaleFromDistance):
+            for name in (spec.a, spec.b):
+                if name not in names:
+                    raise ValueError(f"--scale-from: no photo in --data is named {name!r}")
+        return usable
+
+    def _colmap_poses_from(self) -> bool:
+        folder = self.posing.poses_from
+        return folder is not None and any((Path(folder) / f"cameras.{ext}").is_file() for ext in ("bin", "txt"))
+
+    def _undistort_known(self, images: list[Path]) -> list[Path]:
+        """Photos whose --poses-from COLMAP camera has distortion, undistorted into a temporary folder, and the
+        model with those cameras as their undistorted pinhole ones (posing then uses both)."""
+        from ns_extreme.io.undistort import LensDistortion, undistort_with_known_model
+
+        self._undistorted_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_undistorted_"))
+        with self._console().status("undistorting photos with the --poses-from cameras ..."):
+            paths, model, lenses = undistort_with_known_model(
+                Path(self.posing.poses_from), images, self._undistorted_dir, self.fisheye_fov
+            )
+        if model is not None:
+            self._lens = {"source": f"--poses-from {self.posing.poses_from}", "photos": lenses}
+            self.posing.poses_from = model
+            self._undistort_masks(images, {n: LensDistortion(v["model"], v["params"]) for n, v in lenses.items()})
+        return paths
+
+    def _undistort_masks(self, images: list[Path], lenses: dict) -> None:
+        """--masks follow their photos through the undistortion (photos without a lens keep theirs as they are)."""
+        if self.posing.masks is None:
+            return
+        from ns_extreme.io.images import load_rgb
+        from ns_extreme.io.masks import load_mask, mask_files_by_stem, write_mask_png
+        from ns_extreme.io.undistort import undistort_mask
+
+        mask_dir = self._undistorted_dir / "masks"
+        mask_dir.mkdir()
+        for photo, mask_file in zip(images, mask_files_by_stem(self.posing.masks, images)):
+            size = load_rgb(photo).shape[1::-1]  # upright; undistortion keeps the size
+            mask, dst = load_mask(mask_file, size), mask_dir / f"{photo.stem}.png"
+            if photo.name in lenses:
+                undistort_mask(mask, dst, lenses[photo.name], self.fisheye_fov)
+            else:
+                write_mask_png(dst, mask)
+        self.posing.masks = mask_dir
+
+    def _undistort(self, images: list[Path]) -> list[Path]:
+        """Undistorted copies of ``images`` in a temporary folder (removed when ``main`` ends)."""
+        from ns_extreme.io.undistort import parse_lens, undistort_photos
+
+        if self.camera_model is None or self.camera_params is None:
+            raise ValueError("--camera-model and --camera-params go together (e.g. --camera-model OPENCV "
+                             "--camera-params fx,fy,cx,cy,k1,k2,p1,p2)")  # fmt: skip
+        if not 10.0 <= self.fisheye_fov <= 170.0:
+            raise ValueError(f"--fisheye-fov must be between 10 and 170 degrees, got {self.fisheye_fov}")
+        if self.posing.intrinsics != "auto":
+            raise ValueError("--camera-params already gives the intrinsics; leave out --intrinsics")
+        lens = parse_lens(self.camera_model, self.camera_params)
+        self._undistorted_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_undistorted_"))
+        with self._console().status(f"undistorting {len(images)} photos ({lens.model}) ..."):
+            paths, K = undistort_photos(images, self._undistorted_dir, lens, self.fisheye_fov)
+        self.posing.intrinsics = ",".join(f"{v:.10g}" for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+        self._undistort_masks(images, {p.name: lens for p in images})
+        self._lens = {
+            **lens.summary(),
+            "undistorted_K": K.tolist(),
+            **({"fisheye_fov_deg": self.fisheye_fov} if lens.model == "OPENCV_FISHEYE" else {}),
+        }
+        return paths
 
     def _extract_video_frames(self, video: Path) -> Path:
         """Sample the video's frames into a temporary folder (removed when ``main`` ends); returns the folder."""
@@ -222,16 +320,21 @@ class ExtremePoses:
     def _console(self):
         from rich.console import Console
 
-        return Console(soft_wrap=True)
+        from ns_extreme.distributed import env_rank
+
+        return Console(soft_wrap=True, quiet=env_rank() != 0)  # under torchrun only rank 0 speaks
 
     def main(self) -> None:
         self._frames_dir: Optional[Path] = None
+        self._undistorted_dir: Optional[Path] = None
         self._video: Optional[dict] = None
+        self._lens: Optional[dict] = None
         try:
             self._pose_and_write()
         finally:
-            if self._frames_dir is not None:
-                shutil.rmtree(self._frames_dir, ignore_errors=True)
+            for folder in (self._frames_dir, self._undistorted_dir):
+                if folder is not None:
+                    shutil.rmtree(folder, ignore_errors=True)
 
     def _pose_and_write(self) -> None:
         from rich.markup import escape
@@ -255,16 +358,27 @@ class ExtremePoses:
         if self.posing.depth_from is not None and not Path(self.posing.depth_from).is_dir():
             raise FileNotFoundError(f"--depth-from: folder not found: {self.posing.depth_from}")
 
-        fetch_weights(self.backbone)
-        with console.status(f"loading {self.backbone.model} model ..."):
-            t = time.perf_counter()
-            backbone, compare, report = load_backbone(
-                self.backbone, self.compare_pretrained, say=console.print, splats=self.write_splats
-            )
-            load_s = time.perf_counter() - t
-        console.print(escape(report.summary()))  # names the weights' licence
+        from ns_extreme import distributed
+        from ns_extreme.runtime import resolve_device
 
-        recon = pose_images(images, backbone, self.posing, compare_backbone=compare, progress=True)
+        with distributed.process_group(resolve_device(self.backbone.device), self.collective_timeout) as spread:
+            if spread:
+                # names, not paths: video frames go to a temporary folder of each rank
+                distributed.check_same_on_all_ranks("options or images", [jsonable(self), [p.name for p in images]])
+            fetch_weights(self.backbone)
+            with console.status(f"loading {self.backbone.model} model ..."):
+                t = time.perf_counter()
+                backbone, compare, report = load_backbone(
+                    self.backbone, self.compare_pretrained, say=console.print, splats=self.write_splats
+                )
+                load_s = time.perf_counter() - t
+            console.print(escape(report.summary()))  # names the weights' licence
+            main = distributed.is_main_process()
+            recon = pose_images(
+                images, backbone, self.posing, compare_backbone=compare, progress=main, distribute=spread
+            )
+        if recon is None:  # a rank other than 0: its chunks went to rank 0, which writes the dataset
+            return
         recon.timings["model_load_s"] = load_s
         for note in recon.warnings:
             console.print(f"[yellow]warning:[/yellow] {escape(note)}")
@@ -290,6 +404,7 @@ class ExtremePoses:
             "skipped_images": self._skipped_images,
             "compare_pretrained": self.compare_pretrained,
             "depth_format": self.depth_format,
+            "lens_distortion": self._lens,
         }
         splats = None
         if self.write_splats:
@@ -304,6 +419,7 @@ class ExtremePoses:
                 overwrite=self.overwrite,
                 depth_format=self.depth_format,
                 extra_provenance=extra,
+                num_downscales=self.num_downscales,
                 splats=splats,
                 normals=self.write_normals,
             )

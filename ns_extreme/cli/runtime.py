@@ -45,6 +45,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     backbone = sys.modules.get("ns_extreme.posing.backbone")  # not imported (torch!) just to name its error
     if backbone is not None:
         types.append(backbone.NonFiniteOutputError)
+    distributed = sys.modules.get("ns_extreme.distributed")  # a rank died / timed out / disagrees (torchrun)
+    if distributed is not None:
+        types.append(distributed.DistributedError)
     return tuple(types)
 
 

@@ -26,6 +26,8 @@ from ns_extreme.io.colmap_model import write_colmap_model
 from ns_extreme.io.depth import write_depth_npy, write_depth_png_mm
 from ns_extreme.io.gaussian_ply import write_gaussian_ply
 from ns_extreme.io.images import PreprocessRecord, load_rgb
+from ns_extreme.io.layout import EXIF_ORIENTATION, copy_colmap_model, reencode_with_exif, write_downscaled_images
+from ns_extreme.io.masks import write_mask_png
 from ns_extreme.io.normals import write_normals_png
 from ns_extreme.io.ply import write_ply
 from ns_extreme.io.sfm_points import POINT_SOURCE_SFM
@@ -33,7 +35,6 @@ from ns_extreme.io.transforms_json import apply_world_transform, write_transform
 
 COLMAP_TO_NERFSTUDIO = np.array([[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, 0]])
 """nerfstudio's applied_transform for COLMAP worlds: (x, y, z) -> (x, z, -y)."""
-EXIF_ORIENTATION = 0x0112
 
 DepthFormat = Literal["png", "npy", "none"]
 
@@ -127,7 +128,7 @@ def _export_image(src: Path, images_dir: Path, used_stems: set[str]) -> str:
     used_stems.add(stem.casefold())
     name = f"{stem}{suffix}"
     if reencode:
-        Image.fromarray(load_rgb(src)).save(images_dir / name)
+        reencode_with_exif(src, Image.fromarray(load_rgb(src)), images_dir / name)
     else:
         shutil.copy2(src, images_dir / name)
     return f"images/{name}"
@@ -196,14 +197,18 @@ def write_dataset(
     overwrite: bool = False,
     depth_format: DepthFormat = "png",
     extra_provenance: Optional[dict[str, Any]] = None,
+    num_downscales: int = 3,
     splats: Optional[Any] = None,
     normals: bool = True,
 ) -> Path:
     """Write ``recon`` (a ns_extreme.posing.Reconstruction) to ``output_dir``; returns the folder.
 
+    ``num_downscales``: images_2 ... images_(2**n) copies (nerfstudio's ``--num-downscales``; 0 = none).
     ``normals``: write ``recon.normals`` (if any) to normals/ as PNG (``ns_extreme.io.normals``). ``splats``
     (``ns_extreme.posing.splats.Splats`` in the reconstruction's world): written to splats.ply, a 3DGS PLY in the
     world of transforms.json and sparse_pc.ply."""
+    if num_downscales < 0:
+        raise ValueError(f"--num-downscales must be 0 or more, got {num_downscales}")
     _unique_names(recon.image_paths)
     if depth_format not in ("png", "npy", "none"):
         raise ValueError(f"depth format must be png, npy or none, got {depth_format!r}")
@@ -213,12 +218,21 @@ def write_dataset(
         (out / "images").mkdir()
         used_stems: set[str] = set()
         image_files = [_export_image(p, out / "images", used_stems) for p in recon.image_paths]
+        write_downscaled_images(out, image_files, num_downscales)
+        mask_files = None
+        if recon.masks is not None:
+            (out / "masks").mkdir()
+            mask_files = [f"masks/{Path(rel).stem}.png" for rel in image_files]
+            for mask, name in zip(recon.masks, mask_files):
+                write_mask_png(out / name, mask)
         depth_files = None
         if depth_format != "none":
             (out / "depth").mkdir()
             depth_files = []
             for i, rel in enumerate(image_files):
                 depth = depth_at_original_resolution(recon.depth[i], recon.records[i])
+                if recon.masks is not None:
+                    depth[~recon.masks[i]] = 0.0
                 name = f"depth/{Path(rel).stem}.{depth_format}"
                 (write_depth_png_mm if depth_format == "png" else write_depth_npy)(out / name, depth)
                 depth_files.append(name)
@@ -230,6 +244,8 @@ def write_dataset(
                 n = np.stack(
                     [depth_at_original_resolution(recon.normals[i][..., c], recon.records[i]) for c in range(3)], -1
                 )
+                if recon.masks is not None:
+                    n[~recon.masks[i]] = 0.0
                 name = f"normals/{Path(rel).stem}.png"
                 write_normals_png(out / name, n)
                 normal_files.append(name)
@@ -250,6 +266,7 @@ def write_dataset(
             applied_transform=applied,
             ply_file_path="sparse_pc.ply",
             depth_paths_rel=depth_files,
+            mask_paths_rel=mask_files,
             extra={"ns_extreme": "extreme_poses.json"},
             normal_paths_rel=normal_files,
         )
@@ -265,6 +282,7 @@ def write_dataset(
             recon.points_rgb[model_points],
             sfm_points=recon.sfm_points,
         )
+        copy_colmap_model(out / "colmap" / "sparse" / "0", out)
         outputs = {
             "normals": {"files": normal_files, "frame": "camera, OpenCV axes", "encoding": "rgb = (n + 1) / 2 * 255"}
             if normal_files

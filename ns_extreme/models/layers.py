@@ -36,13 +36,26 @@ class Linear(nn.Linear):
         return F.linear(x, weight, bias)
 
 
-def store_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
-    """Store the matrices of every :class:`Linear` of ``model`` in ``dtype`` (e.g. bfloat16), leaving all other
-    parameters (biases, norms, LayerScale, tokens, convolutions) as they are. Returns the number of converted
-    parameters. Inputs keep the model's compute dtype; each Linear upcasts its weight per call."""
+def narrowable_linears(model: nn.Module, heads: bool = False) -> list[tuple[str, Linear]]:
+    """The :class:`Linear` layers of ``model`` that :func:`store_weights_in` narrows: all but (unless ``heads``)
+    those inside the submodules the model lists in ``float32_modules`` (its heads, which compute in float32 as
+    the reference does, with float32 weights, under autocast)."""
+    keep = () if heads else tuple(f"{name}." for name in getattr(model, "float32_modules", ()))
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, Linear) and not f"{name}.".startswith(keep)
+    ]
+
+
+def store_weights_in(model: nn.Module, dtype: torch.dtype, heads: bool = False) -> int:
+    """Store the matrices of the :func:`narrowable_linears` of ``model`` in ``dtype`` (e.g. bfloat16), leaving all
+    other parameters (biases, norms, LayerScale, tokens, convolutions, the heads) as they are. Returns the number
+    of converted parameters. Inputs keep the model's compute dtype; each Linear upcasts its weight per call.
+    ``heads``: narrow the heads' matrices too (``--dtype bf16-weights``: no autocast, the least memory)."""
     converted = 0
-    for module in model.modules():
-        if isinstance(module, Linear) and module.weight.dtype != dtype:
+    for _, module in narrowable_linears(model, heads):
+        if module.weight.dtype != dtype:
             module.weight = nn.Parameter(module.weight.detach().to(dtype), requires_grad=module.weight.requires_grad)
             converted += module.weight.numel()
     return converted

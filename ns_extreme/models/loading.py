@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ns_extreme.models.bias import AlignmentReport, apply_bias_tensors, read_bias_checkpoint
-from ns_extreme.models.layers import Linear, store_weights_in
+from ns_extreme.models.layers import narrowable_linears, store_weights_in
 from ns_extreme.models.registry import RELEASED_ALIGNMENT_LICENCE, Backbone3DFM, ModelSpec, get_spec
 from ns_extreme.models.testing import make_outputs_plausible
 from ns_extreme.models.weights import WeightsReader, check_state_dict, fingerprint, resolve_weights
@@ -61,11 +61,13 @@ def _drop_heads(model: Backbone3DFM, heads: Optional[Iterable[str]]) -> list[str
     return [] if heads is None else model.drop_heads(heads)
 
 
-def _stored_narrow(model: nn.Module, dtype: torch.dtype, storage_dtype: Optional[torch.dtype]) -> set[str]:
+def _stored_narrow(
+    model: nn.Module, dtype: torch.dtype, storage_dtype: Optional[torch.dtype], heads: bool = False
+) -> set[str]:
     """State-dict keys that ``store_weights_in`` would narrow: read them in ``storage_dtype`` directly."""
     if storage_dtype is None or storage_dtype == dtype:
         return set()
-    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Linear)}
+    return {f"{name}.weight" for name, _ in narrowable_linears(model, heads)}
 
 
 def load_model(
@@ -78,6 +80,7 @@ def load_model(
     seed: int = 0,
     storage_dtype: Optional[torch.dtype] = None,
     heads: Optional[Iterable[str]] = None,
+    narrow_heads: bool = False,
 ) -> nn.Module:
     """Return an eval-mode backbone with frozen parameters; ``model.load_report`` says what was loaded.
 
@@ -87,7 +90,8 @@ def load_model(
     sizes (default: full size), e.g. ``VGGTConfig.tiny()``. ``dtype``: the dtype of the parameters and of the
     computation. ``storage_dtype`` (e.g. ``torch.bfloat16`` with ``dtype=torch.float32``): keep the matrices of the
     transformer's linear layers (>95 % of the weights) in this narrower dtype and widen them per call: half the weight
-    memory with ``dtype`` arithmetic.
+    memory with ``dtype`` arithmetic. The heads' matrices stay in ``dtype`` (the reference runs its heads in float32)
+    unless ``narrow_heads``.
 
     ``heads``: build only these heads, e.g. ``("camera", "depth")`` for posing; the others' weights are skipped.
 
@@ -110,7 +114,7 @@ def load_model(
             model = spec.build(config)
         dropped = _drop_heads(model, heads)
         expected = {k: v.shape for k, v in model.state_dict().items()}
-        narrow = _stored_narrow(model, dtype, storage_dtype)
+        narrow = _stored_narrow(model, dtype, storage_dtype, narrow_heads)
         with WeightsReader(resolved.path) as reader:
             ignored = spec.ignored_checkpoint_prefixes + tuple(dropped)
             keys = check_state_dict(expected, reader.shapes, ignored, str(resolved.path))
@@ -119,7 +123,7 @@ def load_model(
         del state
         logger.info("loaded %s weights %s (licence: %s)", name, weights, spec.licence)
     if storage_dtype is not None and storage_dtype != dtype:
-        store_weights_in(model, storage_dtype)
+        store_weights_in(model, storage_dtype, heads=narrow_heads)
 
     report = None
     alignment_path = resolve_alignment(spec, alignment)

@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from ns_extreme import distributed
 from ns_extreme.geometry.projection import unproject_depth
 from ns_extreme.geometry.sim3 import robust_sim3, transform_w2c_opencv
 from ns_extreme.posing.backbone import FramePredictions
@@ -56,22 +57,48 @@ def predict_in_chunks(
     on_chunk: Callable[[int, int], None] = lambda done, total: None,
     seed: int = 0,
     valid: np.ndarray | None = None,
+    distribute: bool = False,
     priors: Optional[Any] = None,
-) -> tuple[FramePredictions, list[dict[str, float]]]:
+) -> tuple[FramePredictions | None, list[dict[str, float]]]:
     """Predictions for all frames in the world of the first chunk, and per-join residual statistics.
 
-    ``valid`` [N, H, W] (optional) marks real pixels; only those are used to join chunks. ``priors``
-    (``FramePriors``, optional): each pass gets those of its frames, ``predict(images, priors=...)``."""
+    ``valid`` [N, H, W] (optional) marks real pixels; only those are used to join chunks. ``distribute`` (under
+    torchrun): the chunks are spread over the ranks (round-robin) and gathered on rank 0, which joins them exactly
+    as one process would; the other ranks get ``(None, [])``. ``priors`` (``FramePriors``, optional): each pass
+    gets those of its frames, ``predict(images, priors=...)``."""
     ranges = chunk_ranges(images.shape[0], max_frames, overlap)
-    rng = np.random.default_rng(seed)
-    merged: FramePredictions | None = None
-    residuals = []
-    for c, frames in enumerate(ranges):
-        pred = predict(images[frames]) if priors is None else predict(images[frames], priors=priors.subset(frames))
-        if merged is None:
-            merged = pred
+
+    def run(frames: list[int]) -> FramePredictions:
+        return predict(images[frames]) if priors is None else predict(images[frames], priors=priors.subset(frames))
+
+    if not distribute:
+        preds = []
+        for c, frames in enumerate(ranges):
+            preds.append(run(frames))
             on_chunk(c + 1, len(ranges))
-            continue
+        return join_chunks(ranges, preds, seed, valid)
+    mine = distributed.shard(range(len(ranges)))
+    preds: dict[int, FramePredictions] = {}
+    for done, c in enumerate(mine, start=1):
+        preds[c] = run(ranges[c])
+        on_chunk(done, len(mine))
+    gathered = distributed.gather_object(preds)
+    if gathered is None:
+        return None, []
+    for part in gathered:
+        preds.update(part)
+    return join_chunks(ranges, [preds[c] for c in range(len(ranges))], seed, valid)
+
+
+def join_chunks(
+    ranges: list[list[int]], preds: list[FramePredictions], seed: int = 0, valid: np.ndarray | None = None
+) -> tuple[FramePredictions, list[dict[str, float]]]:
+    """Join the predictions of the chunks ``ranges`` (in order) into the world of the first one, each by a robust
+    Sim(3) on the 3D points of the frames it shares with the chunks before it."""
+    rng = np.random.default_rng(seed)
+    merged = preds[0]
+    residuals = []
+    for c, (frames, pred) in enumerate(zip(ranges[1:], preds[1:]), start=1):
         shared = [f for f in frames if f < merged.w2c_opencv.shape[0]]
         pairs = [
             _shared_points(pred, frames.index(f), merged, f, rng, None if valid is None else valid[f]) for f in shared
@@ -95,8 +122,6 @@ def predict_in_chunks(
             confidence=np.concatenate([merged.confidence, pred.confidence[new]]),
             **_joined_extras(merged, pred, new, sim.scale),
         )
-        on_chunk(c + 1, len(ranges))
-    assert merged is not None
     return merged, residuals
 
 

@@ -42,16 +42,23 @@ def load_backbone(
             model_config,
             storage_dtype=precision.weights,
             heads=heads,
+            narrow_heads=precision.narrow_heads,
         )
 
     model = build(alignment)
     report = model.load_report
+    if opts.compile:
+        from ns_extreme.models.compiled import compile_for_inference
+
+        compile_for_inference(model, device)
     backbone = adapter(model, dtype=precision.compute, target_size=target_size, name=opts.model, **extra)
     compare = None
     if compare_pretrained:
         if alignment in (None, "pretrained"):
             raise ValueError("--compare-pretrained needs an alignment to compare with (not --alignment pretrained)")
         other = build("pretrained")
+        if opts.compile:
+            compile_for_inference(other, device)
         compare = adapter(
             other, dtype=precision.compute, target_size=target_size, name=f"{opts.model}-pretrained", **extra
         )

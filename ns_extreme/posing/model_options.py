@@ -33,4 +33,9 @@ class PoseModelOptions:
     dtype: Literal["auto", "fp32", "bf16-weights", "bf16", "fp16"] = "auto"
     """Precision. fp32: exact. bf16-weights: linear-layer weights stored in bfloat16, float32 arithmetic (about half
     the memory, for CPUs without fast bfloat16 or when memory is short). bf16 / fp16: narrow weights and
-    autocast. auto: bf16 (fp16 without bf16 support) on CUDA, bf16 on CPUs with AMX / AVX-512 BF16, else fp32."""
+    autocast. auto: bf16 (fp16 without bf16 support) on CUDA, bf16 on CPUs with AMX / AVX-512 BF16, else fp32.
+    The heads always compute in float32 (as the reference)."""
+    compile: bool = False
+    """Compile the model's forward with torch.compile (inductor; on CPU with frozen weights, which needs a C++
+    compiler). Each new frame count or image size compiles again (a minute or more); off by default because on
+    the CPUs measured it did not pay back (benchmarks/README.md)."""

@@ -10,6 +10,7 @@ import tyro
 from typing_extensions import Annotated
 
 from ns_extreme.posing.intrinsics import parse_intrinsics_option
+from ns_extreme.posing.metric_scale import parse_scale_from
 from ns_extreme.posing.refine.options import RefineOptions
 
 
@@ -44,8 +45,25 @@ class PosingOptions:
     """Frames shared by consecutive chunks (used for the Sim(3) join)."""
     seed: int = 0
     """Random seed (point subsampling, co-visibility sampling)."""
+    masks: Optional[Path] = None
+    """Folder of masks, one per photo matched by file stem (IMG_01.jpg <-> IMG_01.png), any size: 0 = ignore
+    (people, sky, background), 255 = keep. Masked pixels give no points, depth 0 and no features, and are written
+    to masks/ with a mask_path per frame. Without it, the alpha channel of RGBA photos is the mask."""
+    orient: Literal["up", "none"] = "up"
+    """up: level the model's world (gravity along +y in colmap/, up +z in transforms.json), from the cameras' up
+    vectors or a ground plane; none: keep the first camera's frame. A --poses-from world is never rotated."""
+    scale_from: Optional[str] = None
+    """Put the dataset in metres: exif-gps (fit to the photos' EXIF GPS positions, at least 3) or A.jpg,B.jpg,METRES
+    (the distance between the two photos' cameras). Not with --poses-from (a given world keeps its units)."""
     refinement: Annotated[RefineOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=RefineOptions)
     """Refinement with image evidence (SfM-grade poses where views overlap)."""
+
+    def check_world_options(self) -> None:
+        """--scale-from is well-formed and not combined with --poses-from (checked before images are loaded; not
+        in ``__post_init__``, where tyro would turn the error into a usage box)."""
+        parse_scale_from(self.scale_from)
+        if self.scale_from and self.poses_from is not None:
+            raise ValueError("--scale-from cannot be used with --poses-from: a given world keeps its own units")
 
     def __post_init__(self) -> None:
         # Fail on a bad option before any image is loaded or the model runs.
@@ -60,5 +78,7 @@ class PosingOptions:
             raise ValueError(
                 f"--max-frames-per-pass ({self.max_frames_per_pass}) must exceed --chunk-overlap ({self.chunk_overlap})"
             )
+        if self.orient not in ("up", "none"):
+            raise ValueError(f"--orient must be up or none, got {self.orient!r}")
         if self.chunk_overlap < 1:
             raise ValueError("--chunk-overlap must be at least 1")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ns_extreme.geometry.sim3 import sim3_from_camera_pairs, transform_w2c_opencv
 from ns_extreme.io.images import PreprocessedBatch, SkippedImage, preprocess_images, screen_images
+from ns_extreme.io.masks import mask_to_preprocessed, photo_masks
 from ns_extreme.io.sfm_points import POINT_SOURCE_SFM
 from ns_extreme.posing.backbone import PosingBackbone
 from ns_extreme.posing.chunking import predict_in_chunks
@@ -26,6 +27,7 @@ from ns_extreme.posing.options import PosingOptions
 from ns_extreme.posing.points import PointCloud, limit_points, sfm_cloud, uncovered, view_points, voxel_downsample
 from ns_extreme.posing.priors import FramePriors, network_priors
 from ns_extreme.posing.reconstruction import Reconstruction
+from ns_extreme.posing.world_frame import frame_world
 
 
 def _run_backbone(
@@ -33,6 +35,7 @@ def _run_backbone(
     batch: PreprocessedBatch,
     options: PosingOptions,
     progress: bool,
+    distribute: bool,
     priors: Optional[FramePriors] = None,
 ):
     bar = tqdm(total=1, desc=f"inference ({backbone.name})", unit="pass", disable=not progress)
@@ -52,10 +55,13 @@ def _run_backbone(
             on_chunk,
             options.seed,
             valid,
+            distribute,
             priors,
         )
     finally:
         bar.close()
+    if pred is None:  # a rank other than 0 under torchrun: its chunks went to rank 0
+        return None, []
     if pred.intrinsics is None:
         # Backbones without an intrinsics head recover them inside predict() (Pi3Backbone: focal.recover_focal),
         # because chunked inference needs them per pass to join chunks.
@@ -113,7 +119,8 @@ def _known_poses_stage(
     if distorted:
         notes.append(
             f"{len(distorted)} known cameras have lens distortion that the export drops (pinhole intrinsics only), "
-            f"e.g. {distorted[0]}; undistort the images first for exact geometry"
+            f"e.g. {distorted[0]}; undistort the images first for exact geometry (ns-process-data extreme-poses "
+            "does so for COLMAP models)"
         )
     sim = sim3_to_known(cams.w2c[views], known.w2c_opencv[rows])
     cams.w2c = transform_w2c_opencv(cams.w2c, sim)
@@ -136,6 +143,7 @@ def _refinement_stage(
     valid: np.ndarray,
     options: PosingOptions,
     progress: bool,
+    masks=None,
 ):
     """Refine with image evidence where views overlap (never fatal: see posing.refine.stage)."""
     from ns_extreme.posing.refine import refine_poses
@@ -159,7 +167,7 @@ def _refinement_stage(
     return refine_poses(
         image_paths, cams.w2c, cams.K, sizes_wh, ropts,
         constant_pose=constant_pose, constant_focal=constant_focal, gauge_weights=gauge_weights,
-        pair_scores=scores, progress=progress,
+        pair_scores=scores, progress=progress, masks=masks,
     )  # fmt: skip
 
 
@@ -208,7 +216,8 @@ def pose_images(
     compare_backbone: Optional[PosingBackbone] = None,
     progress: bool = True,
     skip_bad_images: bool = True,
-) -> Reconstruction:
+    distribute: bool = False,
+) -> Optional[Reconstruction]:
     """Pose ``image_paths`` (at least 2) with ``backbone``; ``compare_backbone`` adds a second pose set.
 
     ``skip_bad_images`` (the documented fallback): files that cannot be read (empty, corrupt, truncated,
@@ -216,8 +225,12 @@ def pose_images(
     ``recon.warnings`` and listed in ``recon.provenance["skipped_images"]``; a ValueError only if fewer than 2
     usable images remain. ``recon.image_paths`` holds the posed images. ``False``: the first bad file raises
     ``ImageReadError`` and duplicates are posed as given.
+
+    ``distribute`` (a process group is up, torchrun): the inference chunks (``--max-frames-per-pass``) are spread
+    over the ranks; rank 0 joins them and runs every later stage, the other ranks return None.
     """
     options = options or PosingOptions()
+    options.check_world_options()
     image_paths = [Path(p) for p in image_paths]
     if len(image_paths) < 2:
         raise ValueError(f"posing needs at least 2 images, got {len(image_paths)}")
@@ -252,8 +265,15 @@ def pose_images(
             accepted, records, image_paths, sizes_wh, options.intrinsics, options.poses_from, options.depth_from
         )
     t = time.perf_counter()
-    pred, residuals = _run_backbone(backbone, batch, options, progress, priors)
+    pred, residuals = _run_backbone(backbone, batch, options, progress, distribute, priors)
     timings["inference_s"] = time.perf_counter() - t
+    other = None
+    if compare_backbone is not None:  # here, so that all ranks share both inference passes and then stop
+        t = time.perf_counter()
+        other, _ = _run_backbone(compare_backbone, batch, options, progress, distribute, priors)
+        timings["compare_inference_s"] = time.perf_counter() - t
+    if pred is None:
+        return None
 
     K_predicted = np.stack([r.intrinsics_to_original(k) for r, k in zip(records, pred.intrinsics)])
     K, sources = choose_intrinsics(options.intrinsics, K_predicted, sizes_wh, image_paths)
@@ -264,6 +284,9 @@ def pose_images(
     if options.poses_from is not None:
         _known_poses_stage(cams, image_paths, sizes_wh, options, notes)
     valid = np.stack([r.valid_mask_preprocessed() for r in records])
+    masks = photo_masks(image_paths, sizes_wh, options.masks)
+    if masks is not None:
+        valid &= np.stack([mask_to_preprocessed(m, r) for m, r in zip(masks, records)])
     cams.depth[~valid] = 0.0
 
     refinement = None
@@ -271,7 +294,7 @@ def pose_images(
     if options.refinement.refine:
         t = time.perf_counter()
         input_w2c, input_K = cams.w2c.copy(), cams.K.copy()
-        refinement = _refinement_stage(cams, image_paths, sizes_wh, records, valid, options, progress)
+        refinement = _refinement_stage(cams, image_paths, sizes_wh, records, valid, options, progress, masks)
         cams.w2c, cams.K = refinement.w2c_opencv, refinement.intrinsics
         if refinement.warning:
             notes.append(refinement.warning)
@@ -279,20 +302,33 @@ def pose_images(
 
     t = time.perf_counter()
     cloud = _points_stage(cams, pred, batch, valid, refinement, options, progress)
-    view_conf = np.array([float(pred.confidence[i][valid[i]].mean()) for i in range(len(image_paths))])
+    view_conf = np.array(
+        [float(pred.confidence[i][valid[i]].mean()) if valid[i].any() else 0.0 for i in range(len(image_paths))]
+    )
     timings["points_s"] = time.perf_counter() - t
 
+    sfm = refinement.sfm_points if refinement is not None else None
+    world_frame: dict = {"source": "--poses-from: the given world, not rotated or scaled"}
+    if cams.world_source == "model":
+        world, world_frame = frame_world(
+            cams.w2c, cloud.xyz, image_paths, options.orient, options.scale_from, options.seed
+        )
+        if world is not None:
+            cams.w2c = transform_w2c_opencv(cams.w2c, world)
+            cams.depth *= np.float32(world.scale)
+            cloud.xyz = world.apply(cloud.xyz)
+            if input_w2c is not None:
+                input_w2c = transform_w2c_opencv(input_w2c, world)
+            if sfm is not None:
+                sfm = sfm.transformed(world.apply(sfm.xyz))
+
     pretrained_w2c = None
-    if compare_backbone is not None:
-        t = time.perf_counter()
-        other, _ = _run_backbone(compare_backbone, batch, options, progress, priors)
+    if other is not None:
         # Express the pretrained poses in the same world, so that both sets can be drawn together.
         pretrained_w2c = transform_w2c_opencv(other.w2c_opencv, sim3_from_camera_pairs(other.w2c_opencv, cams.w2c))
-        timings["compare_inference_s"] = time.perf_counter() - t
 
-    sfm = None
-    if refinement is not None and (cloud.source == POINT_SOURCE_SFM).any():
-        sfm = refinement.sfm_points
+    if not (cloud.source == POINT_SOURCE_SFM).any():
+        sfm = None
     return Reconstruction(
         image_paths=image_paths,
         sizes_wh=sizes_wh,
@@ -315,6 +351,7 @@ def pose_images(
             "network_priors": {n: priors.views_with(n) for n in priors.names()} if priors is not None else {},
             "options": {k: str(v) for k, v in vars(options).items()},
             "skipped_images": [{"file": s.path.name, "path": str(s.path), "reason": s.reason} for s in skipped],
+            "world_frame": world_frame,
         },
         timings=timings,
         world_source=cams.world_source,
@@ -323,6 +360,7 @@ def pose_images(
         input_intrinsics=input_K,
         refinement=refinement,
         sfm_points=sfm,
+        masks=masks,
         normals=pred.normals,
         gaussians=None if pred.gaussians is None else pred.gaussians.scaled(cams.depth_scale),
     )

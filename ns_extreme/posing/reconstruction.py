@@ -71,6 +71,8 @@ class Reconstruction:
     sfm_points: Optional[Any] = None
     """Triangulated points with tracks (``ns_extreme.io.colmap_model.SfmPoints``) kept in the point cloud; written
     to colmap/sparse/0 with their 2-D observations."""
+    masks: Optional[list[np.ndarray]] = None
+    """Per view bool [H, W] at the original size, False = ignored pixels (--masks, alpha channels); None = none."""
     normals: Optional[np.ndarray] = None
     """[N, h, w, 3] float32 unit normals in each camera's frame (OpenCV) at the preprocessed resolution, for models
     with a normal head (written to normals/)."""

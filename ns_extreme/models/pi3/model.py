@@ -38,6 +38,9 @@ def _as(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 class Pi3(nn.Module):
+    float32_modules = ("point_head", "conf_head", "camera_head")
+    """Run in float32 with autocast disabled, as the reference's ``Pi3.forward``; their weights are never narrowed."""
+
     def __init__(self, cfg: Pi3Config | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or Pi3Config()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable, Optional
 
 import torch
@@ -14,9 +15,13 @@ from ns_extreme.models.vggt.dpt_head import DPTHead
 
 HEADS = ("camera", "depth", "points")
 HEAD_MODULES = {"camera": "camera_head", "depth": "depth_head", "points": "point_head"}
+FLOAT32_MODULES = tuple(HEAD_MODULES.values())
+"""Submodules whose weights stay float32 under every precision (they compute in float32, as the reference)."""
 
 
 class VGGT(nn.Module):
+    float32_modules = FLOAT32_MODULES
+
     def __init__(self, cfg: VGGTConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or VGGTConfig()
@@ -49,11 +54,21 @@ class VGGT(nn.Module):
         self.aggregator.patch_embed.gradient_checkpointing = enabled
 
     def forward(
-        self, images: torch.Tensor, heads: Iterable[str] = HEADS, dpt_frames_chunk: Optional[int] = None
+        self,
+        images: torch.Tensor,
+        heads: Iterable[str] = HEADS,
+        dpt_frames_chunk: Optional[int] = None,
+        dense_heads_autocast: bool = False,
     ) -> dict[str, torch.Tensor]:
         """images [S, 3, H, W] or [B, S, 3, H, W] in [0, 1], H and W multiples of the patch size.
 
         ``dpt_frames_chunk`` overrides ``cfg.dpt_frames_chunk`` (frames per DPT pass: smaller = less memory).
+
+        Precision (the reference's recipe, facebookresearch/vggt ``VGGT.forward``): under a caller's autocast only
+        the aggregator runs narrow; the heads run in float32 with autocast disabled, on float32 tokens, with
+        float32 weights (:data:`FLOAT32_MODULES` are never narrowed by ``store_weights_in``).
+        ``dense_heads_autocast`` leaves the depth and point heads under the caller's autocast (measured in
+        benchmarks/README.md; not the default). The camera head is always float32.
 
         Returns (for the requested heads) ``pose_enc [B,S,9]`` (world-to-camera, OpenCV, world = frame 0),
         ``pose_enc_list``, ``depth [B,S,H,W,1]``, ``depth_conf [B,S,H,W]``, ``world_points [B,S,H,W,3]``,
@@ -84,12 +99,17 @@ class VGGT(nn.Module):
         layers = self.aggregator(images, keep)
         start = self.aggregator.patch_start_idx
         out: dict[str, torch.Tensor] = {}
+        device = images.device.type
         if "camera" in heads:
-            encodings = self.camera_head(layers[last][:, :, 0], self.cfg.camera_iterations)
+            with torch.autocast(device_type=device, enabled=False):
+                encodings = self.camera_head(layers[last][:, :, 0].float(), self.cfg.camera_iterations)
             out["pose_enc"], out["pose_enc_list"] = encodings[-1], encodings
         chunk = self.cfg.dpt_frames_chunk if dpt_frames_chunk is None else dpt_frames_chunk
-        if "depth" in heads:
-            out["depth"], out["depth_conf"] = self.depth_head(layers, start, (H, W), chunk)
-        if "points" in heads:
-            out["world_points"], out["world_points_conf"] = self.point_head(layers, start, (H, W), chunk)
+        dense = contextlib.nullcontext() if dense_heads_autocast else torch.autocast(device_type=device, enabled=False)
+        with dense:
+            taps = layers if dense_heads_autocast else {k: v.float() for k, v in layers.items()}
+            if "depth" in heads:
+                out["depth"], out["depth_conf"] = self.depth_head(taps, start, (H, W), chunk)
+            if "points" in heads:
+                out["world_points"], out["world_points_conf"] = self.point_head(taps, start, (H, W), chunk)
         return out

@@ -63,6 +63,9 @@ DENSE_HEADS = ("depth", "points", "normals", "gs")
 
 
 class WorldMirror(nn.Module):
+    float32_modules = tuple(attr for attrs in HEAD_MODULES.values() for attr in attrs)
+    """Heads whose weights ``store_weights_in`` never narrows under autocast precisions (they run in float32)."""
+
     def __init__(self, cfg: WorldMirrorConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg = cfg or WorldMirrorConfig()

@@ -92,12 +92,20 @@ def feature_size_of(size_wh: Sequence[int], feature_size: int) -> tuple[int, int
 
 
 def extract_features(
-    image_paths: Sequence[Path], sizes_wh: np.ndarray, K: np.ndarray, work_dir: Path, feature_size: int, progress: bool
+    image_paths: Sequence[Path],
+    sizes_wh: np.ndarray,
+    K: np.ndarray,
+    work_dir: Path,
+    feature_size: int,
+    progress: bool,
+    masks: Optional[Sequence[np.ndarray]] = None,
 ) -> FeatureSet:
     """SIFT keypoints of every view into ``work_dir/database.db``; each view gets a PINHOLE camera with ``K``
-    (original resolution, scaled to the feature image) as a prior, so verification estimates essential matrices."""
+    (original resolution, scaled to the feature image) as a prior, so verification estimates essential matrices.
+    ``masks`` (bool [H, W] per view, original size): no keypoints where False (COLMAP's per-image mask files)."""
     image_dir = work_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir = work_dir / "masks"
     database = work_dir / "database.db"
     names, feature_sizes = [], []
     for i, path in enumerate(tqdm(image_paths, desc="refine: features", unit="view", disable=not progress)):
@@ -110,11 +118,18 @@ def extract_features(
             grey = grey.resize((w, h), Image.Resampling.LANCZOS)
         name = f"{i:05d}.png"
         grey.save(image_dir / name, compress_level=1)
+        reader = pycolmap.ImageReaderOptions()
+        if masks is not None and masks[i] is not None:  # COLMAP reads MASK_PATH/<image name>.png: 0 = no features
+            mask_dir.mkdir(exist_ok=True)
+            reader.mask_path = str(mask_dir)
+            mask = Image.fromarray(np.where(masks[i], 255, 0).astype(np.uint8))
+            mask.resize((w, h), Image.Resampling.NEAREST).save(mask_dir / f"{name}.png", compress_level=1)
         pycolmap.extract_features(
             database,
             image_dir,
             image_names=[name],
             camera_mode=pycolmap.CameraMode.PER_IMAGE,
+            reader_options=reader,
             extraction_options=options,
         )
         names.append(name)

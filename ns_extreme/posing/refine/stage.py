@@ -115,13 +115,15 @@ def refine_poses(
     gauge_weights: Optional[np.ndarray] = None,
     pair_scores: Optional[np.ndarray] = None,
     progress: bool = True,
+    masks: Optional[Sequence[np.ndarray]] = None,
 ) -> Refinement:
     """Refine ``w2c`` [N, 3, 4] (OpenCV) and ``K`` [N, 3, 3] (original pixels) of ``image_paths``.
 
     ``constant_pose`` [N] bool: poses kept exactly; a component holding one keeps its frame. Any other component is
     placed onto the input frame by the Sim(3) that best aligns its refined cameras to their input ones, weighted
     by ``gauge_weights`` (e.g. given pose priors over model poses). ``constant_focal`` [N] bool: focal lengths
-    kept. ``pair_scores`` [N, N]: co-visibility used to choose partners in large collections.
+    kept. ``pair_scores`` [N, N]: co-visibility used to choose partners in large collections. ``masks``: per view
+    bool [H, W] at the original size, False = no features there (``--masks``, alpha channels).
     """
     n = len(w2c)
     constant_pose = np.zeros(n, bool) if constant_pose is None else np.asarray(constant_pose, bool)
@@ -140,7 +142,7 @@ def refine_poses(
             inputs = (list(map(Path, image_paths)), np.asarray(w2c, np.float64), np.asarray(K, np.float64))
             return _refine(
                 *inputs, np.asarray(sizes_wh), options, constant_pose, constant_focal, gauge_weights, pair_scores,
-                progress, Path(work),
+                progress, Path(work), masks,
             )  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the stage must never fail the command
         message = " ".join(str(exc).split()) or type(exc).__name__
@@ -224,6 +226,7 @@ def _refine(
     pair_scores: Optional[np.ndarray],
     progress: bool,
     work_dir: Path,
+    masks: Optional[Sequence[np.ndarray]] = None,
 ) -> Refinement:
     from ns_extreme.posing.refine.bundle import Component, adjust_component, observations
     from ns_extreme.posing.refine.cameras import camera_groups
@@ -233,7 +236,7 @@ def _refine(
     n = len(w2c_in)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    features = extract_features(image_paths, sizes_wh, K_in, work_dir, options.feature_size, progress)
+    features = extract_features(image_paths, sizes_wh, K_in, work_dir, options.feature_size, progress, masks)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
