@@ -411,3 +411,29 @@ def test_align_train_resumes_and_eval_reports_per_overlap_class(castle_pairs: Pa
         for c, k in counts.items():
             assert summary[c]["count"] == k and summary[c]["failed"] == 0, (label, c)
             assert summary[c]["mre"] == pytest.approx(float(np.median(errors[overlap == c])), abs=1e-9)
+
+
+def test_extreme3d_dataparser_poses_a_raw_folder_with_worldmirror_and_its_depth_prior(dev_small: Path, tmp_path):
+    from ns_extreme.nerfstudio.extreme3d_dataparser import Extreme3DDataParserConfig
+    from ns_extreme.posing import PoseModelOptions, PosingOptions
+    from ns_extreme.posing.refine import RefineOptions
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for p in sorted((dev_small / SCENE / "images").iterdir())[:3]:
+        shutil.copy(p, images / p.name)
+    depth = tmp_path / "depth"
+    depth.mkdir()
+    write_depth_npy(depth / f"{sorted(images.iterdir())[0].stem}.npy", np.full((256, 384), 2.0, np.float32))
+    posing = PosingOptions(depth_from=depth, refinement=RefineOptions(refine=False))
+    tiny = dict(model_size="tiny", weights="random", device="cpu", dtype="fp32")
+    wm = PoseModelOptions(model="worldmirror", **tiny)
+    config = Extreme3DDataParserConfig(data=images, backbone=wm, posing=posing)
+    out = config.setup().get_dataparser_outputs(split="train")
+    assert len(out.image_filenames) == 3
+    prov = json.loads((images / ".extreme3d" / "extreme_poses.json").read_text())
+    assert prov["backbone"] == "worldmirror" and prov["network_priors"] == {"depth": 1}
+    assert len(prov["outputs"]["normals"]["files"]) == 3
+    config = Extreme3DDataParserConfig(data=images, backbone=PoseModelOptions(model="vggt", **tiny), posing=posing)
+    with pytest.raises(ValueError, match="--depth-from: vggt takes no depth prior"):
+        config.setup().get_dataparser_outputs(split="train")
