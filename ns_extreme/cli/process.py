@@ -142,8 +142,8 @@ class ExtremePoses:
     """Under torchrun: seconds a rank waits for the others (e.g. for rank 0 loading images) before it stops with
     an error (a rank that died or hangs)."""
 
-    def __post_init__(self) -> None:
-        # Options a model cannot honour fail before any image is read (torch-free checks).
+    def _check_model_options(self) -> None:
+        """Options the chosen model cannot honour fail before any image is read (torch-free checks)."""
         from ns_extreme.posing.loading import check_splats_supported
         from ns_extreme.posing.priors import check_priors_supported
 
@@ -162,6 +162,8 @@ class ExtremePoses:
         from rich.markup import escape
 
         from ns_extreme.io.atomic import OutputExistsError, check_output_location
+
+        self._check_model_options()
         from ns_extreme.io.images import scan_images, screen_images
 
         data = Path(self.data)
