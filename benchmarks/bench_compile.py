@@ -86,7 +86,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
     ref = eager[-1][1]
     if spec.get("reference"):
         result.update(_diff(ref, torch.load(spec["reference"])))
-    if prec.autocast is not None:
+    if prec.autocast is not None and spec.get("dense", True):
         dense = [run(dense_autocast=True) for _ in range(repeats)]
         result["eager_dense_autocast_s"] = statistics.median(t for t, _ in dense)
         result["dense_autocast_depth_rel_diff_median"] = float(
@@ -147,9 +147,11 @@ def main() -> None:
     parser.add_argument("--compile", default="fp32,bf16", help="precisions to compile too ('' = eager only)")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per measurement (median)")
     parser.add_argument("--name", default="compile", help="results file name: results/<name>_<device>.*")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense-head autocast measurement")
     args = parser.parse_args()
     device = torch.device(args.device)
     base = {"device": args.device, "config": args.config, "frames": args.frames, "repeats": args.repeats}
+    base["dense"] = not args.no_dense
     compiled = set(filter(None, args.compile.split(",")))
     with tempfile.TemporaryDirectory() as tmp:
         reference = str(Path(tmp) / "fp32_outputs.pt")

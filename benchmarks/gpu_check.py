@@ -215,7 +215,14 @@ def run_posing(cfg: dict, device: torch.device) -> dict:
         "import sys; sys.argv[0] = 'ns-process-data'; "
         "from ns_extreme.nerfstudio.process_data import entrypoint; entrypoint()"
     )
-    cmd = [sys.executable, "-c", script, "extreme-poses", "--data", str(REPO / "examples" / "sacre_coeur" / "images")]
+    images = REPO / "examples" / "sacre_coeur" / "images"
+    if cfg["size"] == "tiny":  # the dry run: 3 of the 10 photos
+        subset = out.parent / "images"
+        subset.mkdir()
+        for path in sorted(images.glob("*.jpg"))[:3]:
+            shutil.copy(path, subset / path.name)
+        images = subset
+    cmd = [sys.executable, "-c", script, "extreme-poses", "--data", str(images)]
     cmd += ["--output-dir", str(out), "--weights", "random", "--alignment", "pretrained", "--device", device.type]
     if cfg["size"] == "tiny":
         cmd += ["--model-size", "tiny", "--no-refine"]  # the dry run: seconds, not the 30 s of refinement
