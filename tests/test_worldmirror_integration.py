@@ -269,6 +269,28 @@ def test_splats_sit_on_their_pixel_rays_in_the_world_and_are_filtered():
     assert len(place_splats(g, w2c, K, np.zeros_like(valid))) == 0
 
 
+def test_splat_rotations_stay_in_the_network_world_for_every_view():
+    """The reference's Gaussian rotations are in the network's world (camera 0), never per view: taken into each
+    view's camera frame with the predicted pose and placed back with that same pose, every view gives them back."""
+    from ns_extreme.posing.worldmirror import pixel_gaussians
+
+    S, H, W = 3, 2, 2
+    q_world = Rotation.random(S * H * W, random_state=4).as_quat(scalar_first=True).reshape(S, H, W, 4)
+    params = torch.zeros(1, S, H, W, 12)
+    params[..., :4] = torch.from_numpy(q_world).float()
+    out = {"gs_params": params, "gs_depth": torch.full((1, S, H, W, 1), 2.0), "gs_depth_conf": torch.ones(1, S, H, W)}
+    R_w2c = Rotation.random(S, random_state=5).as_matrix()
+    R_w2c[0] = np.eye(3)
+    g = pixel_gaussians(out, torch.full((S, 3, H, W), 0.5), torch.from_numpy(R_w2c).float())
+    w2c = np.concatenate((R_w2c, np.zeros((S, 3, 1))), axis=-1)
+    K = np.tile(np.array([[2.0, 0, 1.0], [0, 2.0, 1.0], [0, 0, 1]]), (S, 1, 1))
+    s = place_splats(g, w2c, K, np.ones((S, H, W), bool), conf_percentile=0.0, min_opacity=0.0)
+    assert len(s) == S * H * W
+    want = Rotation.from_quat(q_world.reshape(-1, 4), scalar_first=True)
+    got = Rotation.from_quat(s.quats_wxyz, scalar_first=True)
+    assert np.degrees((want.inv() * got).magnitude()).max() < 1e-3
+
+
 def test_gaussian_ply_round_trip_and_point_cloud_view(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     n = 50
