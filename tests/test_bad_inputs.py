@@ -590,6 +590,18 @@ POSES_ERRORS = [
     ),
     ("camera-params-without-model", ["--camera-params", "1,1,1,1,0,0,0,0"], ["--camera-model and --camera-params"]),
     ("num-downscales-negative", ["--num-downscales", "-1"], ["--num-downscales must be 0 or more"]),
+    ("depth-prior-for-a-model-without-one", ["--depth-from", "{root}"], ["--depth-from: vggt takes no depth prior"]),
+    ("splats-from-a-model-without-them", ["--write-splats"], ["--write-splats: vggt predicts no 3D Gaussians"]),
+    (
+        "depth-prior-folder-missing",
+        ["--model", "worldmirror", "--depth-from", "{root}/nodepth"],
+        ["--depth-from: folder not found", "nodepth"],
+    ),
+    (
+        "depth-prior-no-matching-file",
+        ["--model", "worldmirror", "--depth-from", "{empty}"],
+        ["--depth-from", "no depth file matches an input image", "<image stem>.png"],
+    ),
     (
         "disk-full-while-writing",
         ["--patch=enospc"],

@@ -32,6 +32,7 @@ class Contract:
 CONTRACT = {
     "vggt": Contract("vggt_1b.txt", 1_256_537_516 - 65_941_396, 32, 73_728),
     "pi3": Contract("pi3.txt", 958_696_738, 36, 82_944),
+    "worldmirror": Contract("worldmirror.txt", 1_263_337_002, 32, 73_728),
 }
 NAMES = list(MODELS)
 

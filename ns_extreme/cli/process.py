@@ -125,6 +125,15 @@ class ExtremePoses:
     num_downscales: int = 3
     """Also write images_2, images_4, ... images_(2**N) downscaled copies (as nerfstudio's ns-process-data does;
     gsplat --data_factor N, nerfstudio --downscale-factor N); 0 = none."""
+    write_normals: bool = True
+    """Models with a normal head (worldmirror): write normals/ (camera-frame unit normals as RGB PNG, original
+    resolution; listed in transforms.json as normal_file_path)."""
+    write_splats: bool = False
+    """Models with a 3D Gaussian head (worldmirror): also write splats.ply, the head's Gaussians as a standard 3DGS
+    PLY in the dataset's world, filtered by confidence (--conf-percentile) and opacity; it is also a coloured point
+    cloud, usable as a splatfacto initialisation (set "ply_file_path": "splats.ply" in transforms.json)."""
+    max_splats: int = 1_000_000
+    """With --write-splats: keep at most this many Gaussians (a random subset of those that pass the filters)."""
     overwrite: bool = False
     """Replace an existing output folder."""
     verbose: bool = False
@@ -132,6 +141,17 @@ class ExtremePoses:
     collective_timeout: float = 1800.0
     """Under torchrun: seconds a rank waits for the others (e.g. for rank 0 loading images) before it stops with
     an error (a rank that died or hangs)."""
+
+    def _check_model_options(self) -> None:
+        """Options the chosen model cannot honour fail before any image is read (torch-free checks)."""
+        from ns_extreme.posing.loading import check_splats_supported
+        from ns_extreme.posing.priors import check_priors_supported
+
+        check_priors_supported(self.backbone.model, self.posing.depth_from)
+        if self.write_splats:
+            check_splats_supported(self.backbone.model)
+        if self.max_splats < 1:
+            raise ValueError(f"--max-splats must be positive, got {self.max_splats}")
 
     def _check_paths(self) -> list[Path]:
         """Check the input and output before any model is loaded; returns the images to pose.
@@ -142,6 +162,8 @@ class ExtremePoses:
         from rich.markup import escape
 
         from ns_extreme.io.atomic import OutputExistsError, check_output_location
+
+        self._check_model_options()
         from ns_extreme.io.images import scan_images, screen_images
 
         data = Path(self.data)
@@ -335,6 +357,8 @@ class ExtremePoses:
         console.print(f"[bold]extreme-poses[/bold]: {len(images)} images in {escape(str(self.data))}")
         if self.posing.poses_from is not None and not Path(self.posing.poses_from).exists():
             raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")
+        if self.posing.depth_from is not None and not Path(self.posing.depth_from).is_dir():
+            raise FileNotFoundError(f"--depth-from: folder not found: {self.posing.depth_from}")
 
         from ns_extreme import distributed
         from ns_extreme.runtime import resolve_device
@@ -346,7 +370,9 @@ class ExtremePoses:
             fetch_weights(self.backbone)
             with console.status(f"loading {self.backbone.model} model ..."):
                 t = time.perf_counter()
-                backbone, compare, report = load_backbone(self.backbone, self.compare_pretrained, say=console.print)
+                backbone, compare, report = load_backbone(
+                    self.backbone, self.compare_pretrained, say=console.print, splats=self.write_splats
+                )
                 load_s = time.perf_counter() - t
             console.print(escape(report.summary()))  # names the weights' licence
             main = distributed.is_main_process()
@@ -382,6 +408,11 @@ class ExtremePoses:
             "depth_format": self.depth_format,
             "lens_distortion": self._lens,
         }
+        splats = None
+        if self.write_splats:
+            from ns_extreme.posing.splats import splats_from_reconstruction
+
+            splats = splats_from_reconstruction(recon, self.posing.conf_percentile, self.max_splats, self.posing.seed)
         with console.status("writing dataset ..."):
             t = time.perf_counter()
             out = write_dataset(
@@ -391,6 +422,8 @@ class ExtremePoses:
                 depth_format=self.depth_format,
                 extra_provenance=extra,
                 num_downscales=self.num_downscales,
+                splats=splats,
+                normals=self.write_normals,
             )
             write_s = time.perf_counter() - t
 
@@ -404,6 +437,11 @@ class ExtremePoses:
             f"{float(recon.view_confidence.mean()):.3f} (min {float(recon.view_confidence.min()):.3f})",
         )
         table.add_row("points kept", f"{len(recon.points_xyz):,}")
+        priors = recon.provenance.get("network_priors") or {}
+        if priors:
+            table.add_row("network priors", ", ".join(f"{k}: {v} views" for k, v in priors.items()))
+        if splats is not None:
+            table.add_row("splats", f"{len(splats):,} Gaussians (splats.ply)")
         sources = {s: recon.intrinsics_source.count(s) for s in sorted(set(recon.intrinsics_source))}
         table.add_row("intrinsics", ", ".join(f"{k}: {v}" for k, v in sources.items()))
         table.add_row("refinement", refinement_summary(recon))

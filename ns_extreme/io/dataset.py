@@ -1,7 +1,8 @@
 """Write a Reconstruction as a nerfstudio dataset that COLMAP-reading trainers can use too.
 
 Layout (product spec 2.1): images/, transforms.json (original resolution, OpenGL camera-to-world), sparse_pc.ply (x y z
-red green blue confidence), depth/ (optional), colmap/sparse/0/, extreme_poses.json. Everything is staged in a hidden
+red green blue confidence), depth/ (optional), normals/ (models with a normal head), splats.ply (3DGS, when given),
+colmap/sparse/0/, extreme_poses.json. Everything is staged in a hidden
 sibling folder and published by one rename, so a failed or interrupted run leaves nothing half-written.
 
 World frames: colmap/ and extreme_poses.json use the reconstruction's world (the model's frame 0 with
@@ -23,9 +24,11 @@ import ns_extreme
 from ns_extreme.io.atomic import atomic_write_json, staged_output_dir
 from ns_extreme.io.colmap_model import write_colmap_model
 from ns_extreme.io.depth import write_depth_npy, write_depth_png_mm
+from ns_extreme.io.gaussian_ply import write_gaussian_ply
 from ns_extreme.io.images import PreprocessRecord, load_rgb
 from ns_extreme.io.layout import EXIF_ORIENTATION, copy_colmap_model, reencode_with_exif, write_downscaled_images
 from ns_extreme.io.masks import write_mask_png
+from ns_extreme.io.normals import write_normals_png
 from ns_extreme.io.ply import write_ply
 from ns_extreme.io.sfm_points import POINT_SOURCE_SFM
 from ns_extreme.io.transforms_json import apply_world_transform, write_transforms_json
@@ -72,6 +75,19 @@ def point_properties(
     if source.shape != (num_points,):
         raise ValueError(f"points_source must have shape [{num_points}] like points_xyz, got {source.shape}")
     return {"confidence": conf, "source": source}
+
+
+def _write_splats(path: Path, splats: Any, applied: np.ndarray) -> None:
+    """Gaussians of the reconstruction's world into the saved world ``applied`` (rigid): centres and rotations."""
+    from scipy.spatial.transform import Rotation
+
+    quats = splats.quats_wxyz
+    if len(quats):
+        rotated = Rotation.from_matrix(applied[:, :3]) * Rotation.from_quat(quats, scalar_first=True)
+        quats = rotated.as_quat(scalar_first=True, canonical=True)
+    write_gaussian_ply(
+        path, apply_world_transform(applied, splats.means), quats, splats.scales, splats.opacity, splats.f_dc
+    )
 
 
 def _view_refinement(recon, i: int, image_files: list[str]) -> dict[str, Any]:
@@ -182,10 +198,15 @@ def write_dataset(
     depth_format: DepthFormat = "png",
     extra_provenance: Optional[dict[str, Any]] = None,
     num_downscales: int = 3,
+    splats: Optional[Any] = None,
+    normals: bool = True,
 ) -> Path:
     """Write ``recon`` (a ns_extreme.posing.Reconstruction) to ``output_dir``; returns the folder.
 
-    ``num_downscales``: images_2 ... images_(2**n) copies (nerfstudio's ``--num-downscales``; 0 = none)."""
+    ``num_downscales``: images_2 ... images_(2**n) copies (nerfstudio's ``--num-downscales``; 0 = none).
+    ``normals``: write ``recon.normals`` (if any) to normals/ as PNG (``ns_extreme.io.normals``). ``splats``
+    (``ns_extreme.posing.splats.Splats`` in the reconstruction's world): written to splats.ply, a 3DGS PLY in the
+    world of transforms.json and sparse_pc.ply."""
     if num_downscales < 0:
         raise ValueError(f"--num-downscales must be 0 or more, got {num_downscales}")
     _unique_names(recon.image_paths)
@@ -215,6 +236,21 @@ def write_dataset(
                 name = f"depth/{Path(rel).stem}.{depth_format}"
                 (write_depth_png_mm if depth_format == "png" else write_depth_npy)(out / name, depth)
                 depth_files.append(name)
+        normal_files = None
+        if normals and recon.normals is not None:
+            (out / "normals").mkdir()
+            normal_files = []
+            for i, rel in enumerate(image_files):
+                n = np.stack(
+                    [depth_at_original_resolution(recon.normals[i][..., c], recon.records[i]) for c in range(3)], -1
+                )
+                if recon.masks is not None:
+                    n[~recon.masks[i]] = 0.0
+                name = f"normals/{Path(rel).stem}.png"
+                write_normals_png(out / name, n)
+                normal_files.append(name)
+        if splats is not None:
+            _write_splats(out / "splats.ply", splats, applied)
         write_ply(
             out / "sparse_pc.ply",
             apply_world_transform(applied, recon.points_xyz),
@@ -232,6 +268,7 @@ def write_dataset(
             depth_paths_rel=depth_files,
             mask_paths_rel=mask_files,
             extra={"ns_extreme": "extreme_poses.json"},
+            normal_paths_rel=normal_files,
         )
         # SfM points go in with their tracks; the model's points, which have none, after them.
         model_points = recon.points_source != POINT_SOURCE_SFM
@@ -246,5 +283,13 @@ def write_dataset(
             sfm_points=recon.sfm_points,
         )
         copy_colmap_model(out / "colmap" / "sparse" / "0", out)
-        atomic_write_json(out / "extreme_poses.json", _provenance(recon, applied, extra_provenance, image_files))
+        outputs = {
+            "normals": {"files": normal_files, "frame": "camera, OpenCV axes", "encoding": "rgb = (n + 1) / 2 * 255"}
+            if normal_files
+            else None,
+            "splats": {"file": "splats.ply", "count": len(splats)} if splats is not None else None,
+        }
+        provenance = _provenance(recon, applied, extra_provenance, image_files)
+        provenance["outputs"] = {k: v for k, v in outputs.items() if v is not None}
+        atomic_write_json(out / "extreme_poses.json", provenance)
     return final

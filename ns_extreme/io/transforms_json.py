@@ -85,6 +85,7 @@ def write_transforms_json(
     depth_paths_rel: Sequence[str | os.PathLike[str]] | None = None,
     mask_paths_rel: Sequence[str | os.PathLike[str]] | None = None,
     extra: dict[str, Any] | None = None,
+    normal_paths_rel: Sequence[str | os.PathLike[str]] | None = None,
 ) -> Path:
     """Write a nerfstudio transforms.json (OPENCV model, zero distortion, per-frame intrinsics) atomically.
 
@@ -99,7 +100,11 @@ def write_transforms_json(
     _check_cameras(w2c, Ks, sizes, n)
     if np.any(sizes != np.round(sizes)):
         raise ValueError("image_sizes_wh must be whole pixels")
-    for name, seq in (("depth_paths_rel", depth_paths_rel), ("mask_paths_rel", mask_paths_rel)):
+    for name, seq in (
+        ("depth_paths_rel", depth_paths_rel),
+        ("mask_paths_rel", mask_paths_rel),
+        ("normal_paths_rel", normal_paths_rel),
+    ):
         if seq is not None and len(seq) != n:
             raise ValueError(f"{name} must have one entry per image ({n}), got {len(seq)}")
     clash = _RESERVED.intersection(extra or {})
@@ -129,6 +134,8 @@ def write_transforms_json(
             frame["depth_file_path"] = _posix_rel(depth_paths_rel[i], "depth path")
         if mask_paths_rel is not None:
             frame["mask_path"] = _posix_rel(mask_paths_rel[i], "mask path")
+        if normal_paths_rel is not None:  # camera-frame normals, OpenCV axes (ns_extreme.io.normals)
+            frame["normal_file_path"] = _posix_rel(normal_paths_rel[i], "normal path")
         frames.append(frame)
 
     out: dict[str, Any] = {"camera_model": "OPENCV", "frames": frames, "applied_transform": A.tolist()}

@@ -13,7 +13,7 @@ from torch import nn
 
 from ns_extreme.models.bias import AlignmentReport, apply_bias_tensors, read_bias_checkpoint
 from ns_extreme.models.layers import narrowable_linears, store_weights_in
-from ns_extreme.models.registry import Backbone3DFM, ModelSpec, get_spec
+from ns_extreme.models.registry import RELEASED_ALIGNMENT_LICENCE, Backbone3DFM, ModelSpec, get_spec
 from ns_extreme.models.testing import make_outputs_plausible
 from ns_extreme.models.weights import WeightsReader, check_state_dict, fingerprint, resolve_weights
 
@@ -136,7 +136,7 @@ def load_model(
         weights=weights,
         weights_file=weights_file,
         weights_fingerprint=weights_fp,
-        licence=spec.licence,
+        licence=spec.licence + (f"; {RELEASED_ALIGNMENT_LICENCE}" if str(alignment) == "aligned" else ""),
         alignment=report,
         device=str(device),
         dtype=str(dtype).replace("torch.", "")

@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from ns_extreme.models.bias import BiasSet
     from ns_extreme.models.rotation_readers import W2cRotationReader
 
+RELEASED_ALIGNMENT_LICENCE = "CC BY-NC-SA 4.0 (the paper's aligned biases, non-commercial)"
+"""Licence of every bias checkpoint in ns_extreme/data (added on top of the weights' licence when one is applied)."""
+
 CAMERA_HEADS = ("camera",)
 """The heads every backbone runs for rotation-only alignment and evaluation (``model(images, heads=CAMERA_HEADS)``)."""
 
@@ -92,6 +95,8 @@ class ModelSpec:
     """Image height and width fed to the network are multiples of this."""
     priors: tuple[str, ...] = ()
     """Priors the network takes as inputs (of ``PRIORS``); any other is an error, never silently ignored."""
+    splat_head: Optional[str] = None
+    """The head that predicts 3D Gaussians (``--write-splats``), None: the model has none."""
 
     def config(self, size: str = "full") -> Any:
         """The model config of this size (``MODEL_SIZES``)."""
@@ -151,7 +156,35 @@ PI3_SPEC = ModelSpec(
     paper_bias_blocks=tuple(f"decoder.{i}" for i in (8, 24, 26, 27, 28, 29, 30, 31, 32)),
 )
 
-MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (VGGT_SPEC, PI3_SPEC)}
+WORLDMIRROR_LICENCE = (
+    "Tencent HunyuanWorld-Mirror Community License (code and weights): commercial use allowed, but not in the EU, "
+    "UK or South Korea, not above 1M monthly active users without a licence from Tencent, and not to improve other "
+    "AI models"
+)
+
+WORLDMIRROR_SPEC = ModelSpec(
+    name="worldmirror",
+    summary=(
+        "HunyuanWorld-Mirror 1.0: VGGT-1B plus network priors (known intrinsics, poses, depth), normal maps and 3D "
+        "Gaussians; frame 0 is the reference"
+    ),
+    model_class="ns_extreme.models.worldmirror:WorldMirror",
+    config_class="ns_extreme.models.worldmirror:WorldMirrorConfig",
+    posing_adapter="ns_extreme.posing.worldmirror:WorldMirrorBackbone",
+    posing_heads=("camera", "depth", "normals"),
+    splat_head="gs",
+    rotation_reader="ns_extreme.models.rotation_readers:worldmirror_w2c_rotations",
+    reference_frame=True,
+    default_weights="tencent/HunyuanWorld-Mirror",
+    licence=WORLDMIRROR_LICENCE,
+    released_alignment="WM_changed_bias.pth",
+    paper_bias_blocks=tuple(
+        f"visual_geometry_transformer.{kind}_blocks.{i}" for kind in ("frame", "global") for i in (4, 11, 17, 23)
+    ),
+    priors=PRIORS,
+)
+
+MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in (VGGT_SPEC, PI3_SPEC, WORLDMIRROR_SPEC)}
 
 MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
 ModelName = Literal[MODEL_NAMES]  # type: ignore[valid-type]

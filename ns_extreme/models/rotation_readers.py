@@ -38,3 +38,9 @@ def vggt_w2c_rotations(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
 def pi3_w2c_rotations(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
     """π³ has a single camera estimate: camera-to-world ``camera_poses`` [B, S, 4, 4]."""
     return [w2c_rotations_from_c2w(out["camera_poses"])]
+
+
+def worldmirror_w2c_rotations(out: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
+    """WorldMirror's camera head is VGGT's: one world-to-camera pose encoding per refinement iteration
+    (``camera_params_list``). Its ``camera_poses`` are the inverses (camera-to-world) and must not be read as w2c."""
+    return [w2c_rotations_from_pose_encoding(enc) for enc in out["camera_params_list"]]

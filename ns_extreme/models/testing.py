@@ -15,10 +15,19 @@ from torch import nn
 def _plausible_vggt(model: nn.Module) -> None:
     """Random weights predict near-identity rotations and a ~55 degree field of view instead of a zero FoV
     (whose infinite focal length the pipeline would rightly reject)."""
-    last = model.camera_head.pose_branch.fc2
+    _plausible_pose_encoding(model.camera_head.pose_branch.fc2, model.cfg.camera_iterations)
+
+
+@torch.no_grad()
+def _plausible_worldmirror(model: nn.Module) -> None:
+    """WorldMirror's camera head is VGGT's under other names: the same fix as ``_plausible_vggt``."""
+    _plausible_pose_encoding(model.cam_head.param_predictor.fc2, model.cfg.camera_iterations)
+
+
+def _plausible_pose_encoding(last: nn.Linear, iterations: int) -> None:
     last.weight.mul_(0.01)
     # The head adds its output once per refinement iteration.
-    per_iteration = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.8, 1.0]) / model.cfg.camera_iterations
+    per_iteration = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.8, 1.0]) / iterations
     last.bias.copy_(per_iteration)
 
 
@@ -46,7 +55,11 @@ def _plausible_pi3(model: nn.Module) -> None:
     camera.fc_t.weight.mul_(0.1)
 
 
-PLAUSIBLE_OUTPUTS: dict[str, Callable[[nn.Module], None]] = {"vggt": _plausible_vggt, "pi3": _plausible_pi3}
+PLAUSIBLE_OUTPUTS: dict[str, Callable[[nn.Module], None]] = {
+    "vggt": _plausible_vggt,
+    "pi3": _plausible_pi3,
+    "worldmirror": _plausible_worldmirror,
+}
 """Per registry name: makes a randomly initialised model's outputs usable downstream (absent: left as is)."""
 
 

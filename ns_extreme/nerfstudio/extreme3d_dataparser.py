@@ -299,6 +299,9 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         from ns_extreme.io.dataset import write_dataset
         from ns_extreme.posing.loading import load_backbone
         from ns_extreme.posing.pipeline import pose_images
+        from ns_extreme.posing.priors import check_priors_supported
+
+        check_priors_supported(self.config.backbone.model, self.config.posing.depth_from)
 
         CONSOLE.print(f"[bold]extreme3d:[/bold] posing {len(images)} images of {data} (cache: {cache})")
         backbone, _, report = load_backbone(self.config.backbone, say=CONSOLE.print)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Protocol
+from typing import Any, ClassVar, Optional, Protocol
 
 import numpy as np
 import torch
@@ -33,6 +33,12 @@ class FramePredictions:
     """[S, H, W] float32 z-depth at the preprocessed resolution."""
     confidence: np.ndarray
     """[S, H, W] float32, larger is better (VGGT: 1 + exp(.), >= 1)."""
+    normals: Optional[np.ndarray] = None
+    """[S, H, W, 3] float32 unit normals in each camera's frame (OpenCV), for models with a normal head."""
+    normals_confidence: Optional[np.ndarray] = None
+    """[S, H, W] float32, larger is better."""
+    gaussians: Optional[Any] = None
+    """Per-pixel 3D Gaussians in camera frames (``ns_extreme.posing.worldmirror.PixelGaussians``), when asked for."""
 
 
 class PosingBackbone(Protocol):
@@ -41,9 +47,12 @@ class PosingBackbone(Protocol):
     patch_size: int
     heads: ClassVar[Optional[tuple[str, ...]]]
     """The model heads ``predict`` runs: the registry's ``ModelSpec.posing_heads`` (None: all)."""
+    priors: ClassVar[tuple[str, ...]]
+    """The network priors ``predict`` takes (``ModelSpec.priors``); empty: ``predict(images)`` only."""
 
-    def predict(self, images: torch.Tensor) -> FramePredictions:
-        """images [S, 3, H, W] in [0, 1] (preprocessed) -> predictions for the S frames as one sequence."""
+    def predict(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> FramePredictions:
+        """images [S, 3, H, W] in [0, 1] (preprocessed) -> predictions for the S frames as one sequence;
+        ``priors=FramePriors`` for backbones with ``priors``."""
         ...
 
 
@@ -78,6 +87,7 @@ class VGGTBackbone:
 
     patch_size = VGGT_SPEC.patch_size
     heads: ClassVar[Optional[tuple[str, ...]]] = VGGT_SPEC.posing_heads
+    priors: ClassVar[tuple[str, ...]] = VGGT_SPEC.priors
 
     def __init__(
         self,
@@ -138,6 +148,7 @@ class Pi3Backbone:
 
     patch_size = PI3_SPEC.patch_size
     heads: ClassVar[Optional[tuple[str, ...]]] = PI3_SPEC.posing_heads
+    priors: ClassVar[tuple[str, ...]] = PI3_SPEC.priors
 
     def __init__(
         self,

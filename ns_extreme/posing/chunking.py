@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -58,23 +58,29 @@ def predict_in_chunks(
     seed: int = 0,
     valid: np.ndarray | None = None,
     distribute: bool = False,
+    priors: Optional[Any] = None,
 ) -> tuple[FramePredictions | None, list[dict[str, float]]]:
     """Predictions for all frames in the world of the first chunk, and per-join residual statistics.
 
     ``valid`` [N, H, W] (optional) marks real pixels; only those are used to join chunks. ``distribute`` (under
     torchrun): the chunks are spread over the ranks (round-robin) and gathered on rank 0, which joins them exactly
-    as one process would; the other ranks get ``(None, [])``."""
+    as one process would; the other ranks get ``(None, [])``. ``priors`` (``FramePriors``, optional): each pass
+    gets those of its frames, ``predict(images, priors=...)``."""
     ranges = chunk_ranges(images.shape[0], max_frames, overlap)
+
+    def run(frames: list[int]) -> FramePredictions:
+        return predict(images[frames]) if priors is None else predict(images[frames], priors=priors.subset(frames))
+
     if not distribute:
         preds = []
         for c, frames in enumerate(ranges):
-            preds.append(predict(images[frames]))
+            preds.append(run(frames))
             on_chunk(c + 1, len(ranges))
         return join_chunks(ranges, preds, seed, valid)
     mine = distributed.shard(range(len(ranges)))
     preds: dict[int, FramePredictions] = {}
     for done, c in enumerate(mine, start=1):
-        preds[c] = predict(images[ranges[c]])
+        preds[c] = run(ranges[c])
         on_chunk(done, len(mine))
     gathered = distributed.gather_object(preds)
     if gathered is None:
@@ -114,5 +120,19 @@ def join_chunks(
             intrinsics=np.concatenate([merged.intrinsics, pred.intrinsics[new]]),
             depth=np.concatenate([merged.depth, pred.depth[new] * np.float32(sim.scale)]),
             confidence=np.concatenate([merged.confidence, pred.confidence[new]]),
+            **_joined_extras(merged, pred, new, sim.scale),
         )
     return merged, residuals
+
+
+def _joined_extras(merged: FramePredictions, pred: FramePredictions, new: list[int], scale: float) -> dict[str, Any]:
+    """Optional outputs of the joined passes: camera-frame normals as they are, Gaussians scaled like depth."""
+    out: dict[str, Any] = {}
+    for name in ("normals", "normals_confidence"):
+        if getattr(merged, name) is not None:
+            out[name] = np.concatenate([getattr(merged, name), getattr(pred, name)[new]])
+    if merged.gaussians is not None:
+        out["gaussians"] = type(merged.gaussians).concatenate(
+            [merged.gaussians, pred.gaussians.subset(new).scaled(scale)]
+        )
+    return out

@@ -47,6 +47,12 @@ def match_known(image_paths: list[Path], known: KnownPoses) -> dict[int, int]:
     return {i: index[p.name] for i, p in enumerate(image_paths) if p.name in index}
 
 
+def known_intrinsics(known: KnownPoses, k: int, size_wh: np.ndarray) -> np.ndarray:
+    """K [3, 3] of known camera ``k`` for an image of ``size_wh`` (the same photo, possibly resized)."""
+    scale = np.asarray(size_wh, dtype=np.float64) / known.sizes_wh[k]
+    return np.diag([scale[0], scale[1], 1.0]) @ known.intrinsics[k]
+
+
 def sim3_to_known(w2c_pred: np.ndarray, w2c_known: np.ndarray) -> Sim3:
     """Similarity taking the model's world to the known world, from the views posed in both."""
     return sim3_from_camera_pairs(w2c_pred, w2c_known)

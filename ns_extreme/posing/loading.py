@@ -8,10 +8,10 @@ from ns_extreme.posing.model_options import PoseModelOptions
 
 
 def load_backbone(
-    opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print
+    opts: PoseModelOptions, compare_pretrained: bool = False, say: Callable[[str], None] = print, splats: bool = False
 ) -> tuple[Any, Optional[Any], Any]:
     """Load the model named by ``opts``; returns (posing backbone, pretrained backbone to compare with or None,
-    load report). ``say`` prints notes for the user."""
+    load report). ``say`` prints notes for the user. ``splats``: also run the model's 3D Gaussian head."""
     from ns_extreme.models import get_spec, load_model
     from ns_extreme.models.registry import resolve
     from ns_extreme.runtime import resolve_device, resolve_precision
@@ -27,6 +27,10 @@ def load_backbone(
         say("note: --model-size tiny: the released alignment does not fit the tiny model; using pretrained biases")
         alignment = "pretrained"
     weights = opts.weights or spec.default_weights
+    heads, extra = spec.posing_heads, {}
+    if splats:
+        check_splats_supported(opts.model)
+        heads, extra = (*(heads or ()), spec.splat_head), {"splats": True}
 
     def build(align: Optional[str]):
         return load_model(
@@ -37,7 +41,7 @@ def load_backbone(
             precision.params,
             model_config,
             storage_dtype=precision.weights,
-            heads=spec.posing_heads,
+            heads=heads,
             narrow_heads=precision.narrow_heads,
         )
 
@@ -47,7 +51,7 @@ def load_backbone(
         from ns_extreme.models.compiled import compile_for_inference
 
         compile_for_inference(model, device)
-    backbone = adapter(model, dtype=precision.compute, target_size=target_size, name=opts.model)
+    backbone = adapter(model, dtype=precision.compute, target_size=target_size, name=opts.model, **extra)
     compare = None
     if compare_pretrained:
         if alignment in (None, "pretrained"):
@@ -55,5 +59,16 @@ def load_backbone(
         other = build("pretrained")
         if opts.compile:
             compile_for_inference(other, device)
-        compare = adapter(other, dtype=precision.compute, target_size=target_size, name=f"{opts.model}-pretrained")
+        compare = adapter(
+            other, dtype=precision.compute, target_size=target_size, name=f"{opts.model}-pretrained", **extra
+        )
     return backbone, compare, report
+
+
+def check_splats_supported(model: str) -> None:
+    """``--write-splats`` needs a model with a 3D Gaussian head (``ModelSpec.splat_head``)."""
+    from ns_extreme.models.registry import MODELS, get_spec
+
+    if get_spec(model).splat_head is None:
+        able = [name for name, spec in MODELS.items() if spec.splat_head is not None]
+        raise ValueError(f"--write-splats: {model} predicts no 3D Gaussians; use --model {' or '.join(able)}")

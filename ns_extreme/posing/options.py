@@ -24,6 +24,10 @@ class PosingOptions:
     poses_from: Optional[Path] = None
     """COLMAP model folder or transforms.json with known poses for some or all views (matched by file name); its
     world becomes the dataset's world."""
+    depth_from: Optional[Path] = None
+    """Folder of depth maps fed into the network (models that take a depth prior: worldmirror), one per image matched
+    by file stem: <stem>.png (16-bit millimetres, as ns_extreme writes depth/) or <stem>.npy (float32); images
+    without a file, and pixels <= 0, get no depth prior."""
     known_poses: Literal["fixed", "prior"] = "fixed"
     """fixed: --poses-from poses are kept exactly and anchor refinement; prior: they are initial estimates that
     refinement may move (phone/ARKit poses, an earlier reconstruction), in the given world frame."""

@@ -22,15 +22,21 @@ from ns_extreme.posing.backbone import PosingBackbone
 from ns_extreme.posing.chunking import predict_in_chunks
 from ns_extreme.posing.diagnostics import pair_diagnostics
 from ns_extreme.posing.intrinsics import choose_intrinsics
-from ns_extreme.posing.known_poses import match_known, read_known_poses, sim3_to_known
+from ns_extreme.posing.known_poses import known_intrinsics, match_known, read_known_poses, sim3_to_known
 from ns_extreme.posing.options import PosingOptions
 from ns_extreme.posing.points import PointCloud, limit_points, sfm_cloud, uncovered, view_points, voxel_downsample
+from ns_extreme.posing.priors import FramePriors, network_priors
 from ns_extreme.posing.reconstruction import Reconstruction
 from ns_extreme.posing.world_frame import frame_world
 
 
 def _run_backbone(
-    backbone: PosingBackbone, batch: PreprocessedBatch, options: PosingOptions, progress: bool, distribute: bool
+    backbone: PosingBackbone,
+    batch: PreprocessedBatch,
+    options: PosingOptions,
+    progress: bool,
+    distribute: bool,
+    priors: Optional[FramePriors] = None,
 ):
     bar = tqdm(total=1, desc=f"inference ({backbone.name})", unit="pass", disable=not progress)
 
@@ -50,6 +56,7 @@ def _run_backbone(
             options.seed,
             valid,
             distribute,
+            priors,
         )
     finally:
         bar.close()
@@ -90,6 +97,8 @@ class _Cameras:
     depth: np.ndarray
     known: dict[int, int] = field(default_factory=dict)
     """view -> row of the --poses-from model."""
+    depth_scale: float = 1.0
+    """Factor from the model's depth units to the world's (the Sim(3) onto --poses-from)."""
     world_source: str = "model"
 
 
@@ -116,11 +125,11 @@ def _known_poses_stage(
     sim = sim3_to_known(cams.w2c[views], known.w2c_opencv[rows])
     cams.w2c = transform_w2c_opencv(cams.w2c, sim)
     cams.depth *= np.float32(sim.scale)
+    cams.depth_scale = float(sim.scale)
     for i, k in matches.items():
         cams.w2c[i] = known.w2c_opencv[k]
         if options.intrinsics == "auto":
-            scale = sizes_wh[i] / known.sizes_wh[k]
-            cams.K[i] = np.diag([scale[0], scale[1], 1.0]) @ known.intrinsics[k]
+            cams.K[i] = known_intrinsics(known, k, sizes_wh[i])
             cams.sources[i] = "known-pose"
     cams.known = matches
     cams.world_source = "transforms" if known.source.startswith("transforms") else "colmap"
@@ -249,13 +258,19 @@ def pose_images(
     sizes_wh = np.array([(r.original_hw[1], r.original_hw[0]) for r in records], dtype=np.int64)
     timings["load_s"] = time.perf_counter() - t
 
+    priors = None
+    accepted = getattr(backbone, "priors", ())  # adapters written before network priors existed take none
+    if accepted:
+        priors = network_priors(
+            accepted, records, image_paths, sizes_wh, options.intrinsics, options.poses_from, options.depth_from
+        )
     t = time.perf_counter()
-    pred, residuals = _run_backbone(backbone, batch, options, progress, distribute)
+    pred, residuals = _run_backbone(backbone, batch, options, progress, distribute, priors)
     timings["inference_s"] = time.perf_counter() - t
     other = None
     if compare_backbone is not None:  # here, so that all ranks share both inference passes and then stop
         t = time.perf_counter()
-        other, _ = _run_backbone(compare_backbone, batch, options, progress, distribute)
+        other, _ = _run_backbone(compare_backbone, batch, options, progress, distribute, priors)
         timings["compare_inference_s"] = time.perf_counter() - t
     if pred is None:
         return None
@@ -333,6 +348,7 @@ def pose_images(
         chunk_residuals=residuals,
         provenance={
             "backbone": backbone.name,
+            "network_priors": {n: priors.views_with(n) for n in priors.names()} if priors is not None else {},
             "options": {k: str(v) for k, v in vars(options).items()},
             "skipped_images": [{"file": s.path.name, "path": str(s.path), "reason": s.reason} for s in skipped],
             "world_frame": world_frame,
@@ -345,4 +361,6 @@ def pose_images(
         refinement=refinement,
         sfm_points=sfm,
         masks=masks,
+        normals=pred.normals,
+        gaussians=None if pred.gaussians is None else pred.gaussians.scaled(cams.depth_scale),
     )

@@ -73,6 +73,12 @@ class Reconstruction:
     to colmap/sparse/0 with their 2-D observations."""
     masks: Optional[list[np.ndarray]] = None
     """Per view bool [H, W] at the original size, False = ignored pixels (--masks, alpha channels); None = none."""
+    normals: Optional[np.ndarray] = None
+    """[N, h, w, 3] float32 unit normals in each camera's frame (OpenCV) at the preprocessed resolution, for models
+    with a normal head (written to normals/)."""
+    gaussians: Optional[Any] = None
+    """Per-pixel 3D Gaussians in camera frames and world units (``ns_extreme.posing.worldmirror.PixelGaussians``),
+    when the backbone was asked for them (``--write-splats``)."""
 
     @property
     def num_views(self) -> int:

@@ -270,7 +270,22 @@ class ExtremePanel:
                 return
             self.frusta.select(i)
             _show_value(self.view_dropdown, NO_SELECTION if i is None else self.data.label(i))
-            self.view_info.content = view_markdown(self.data, i, self._thumbnail(i) if i is not None else "")
+            self.view_info.content = (
+                view_markdown(self.data, i, self._thumbnail(i), self._normals_thumbnail(i))
+                if i is not None
+                else view_markdown(self.data, None, "")
+            )
+
+    def _normals_thumbnail(self, i: int) -> str:
+        """Data URL of view ``i``'s normal map, "" when the dataset has none."""
+        path = self.data.normal_maps[i] if self.data.normal_maps is not None else None
+        if path is None:
+            return ""
+        try:
+            return image_data_url(path)
+        except Exception as exc:  # noqa: BLE001 -- a missing file must not break the panel
+            warnings.warn(f"cannot read {path}: {exc}", stacklevel=2)
+            return ""
 
     def _thumbnail(self, i: int) -> str:
         if i not in self._thumbnails:

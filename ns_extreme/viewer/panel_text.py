@@ -84,8 +84,9 @@ def _refinement_summary(r: RefinementSummary) -> str:
     return text + (f"  \n⚠ {r.warning}" if r.warning else "")
 
 
-def view_markdown(data: SceneData, i: Optional[int], thumbnail: str) -> str:
-    """The selected view's image (``thumbnail``: a data URL, or "" when unreadable) and numbers."""
+def view_markdown(data: SceneData, i: Optional[int], thumbnail: str, normals: str = "") -> str:
+    """The selected view's image (``thumbnail``: a data URL, or "" when unreadable), its normal map (``normals``:
+    a data URL, "" when the dataset has none) and numbers."""
     if i is None:
         return VIEW_PROMPT
     w, h = (int(v) for v in data.sizes_wh[i])
@@ -123,6 +124,8 @@ def view_markdown(data: SceneData, i: Optional[int], thumbnail: str) -> str:
         rows.append(("pairs", ", ".join(f"{k}: {v}" for k, v in counts.items())))
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     img = f"![{data.label(i)}]({thumbnail})\n\n" if thumbnail else ""
+    if normals:
+        img += f"![normals of {data.label(i)}]({normals})\n\n*normals (camera frame: x red, y green, z blue)*\n\n"
     return f"**{data.label(i)}**\n\n{img}{table}"
 
 

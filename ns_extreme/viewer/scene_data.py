@@ -70,6 +70,8 @@ class SceneData:
     """Model world -> transforms.json world ([3, 4])."""
     model: Optional[ModelInfo] = None
     """What posed the dataset (from extreme_poses.json)."""
+    normal_maps: Optional[list[Optional[Path]]] = None
+    """Per view, its normal map (normals/, models with a normal head), when the dataset has them."""
 
     @property
     def num_views(self) -> int:
@@ -213,6 +215,14 @@ def _read_provenance(data: SceneData, prov_path: Path) -> None:
     if any(r is not None for r in refinements):
         data.view_refinement = refinements
     data.refinement = RefinementSummary.from_json(prov.get("refinement"), view_index)
+    outputs = prov.get("outputs") if isinstance(prov.get("outputs"), dict) else {}
+    normals = (outputs.get("normals") or {}).get("files") if isinstance(outputs.get("normals"), dict) else None
+    if isinstance(normals, list) and len(normals) == len(views):
+        maps: list[Optional[Path]] = [None] * n
+        for vi, k in view_index.items():
+            if isinstance(normals[vi], str) and (data.root / normals[vi]).is_file():
+                maps[k] = data.root / normals[vi]
+        data.normal_maps = maps if any(m is not None for m in maps) else None
 
     for p in prov.get("pairs") or []:
         try:

@@ -185,11 +185,9 @@ class WorldMirror(nn.Module):
         return out
 
     def _head_dtype(self) -> torch.dtype:
-        for name in ("cam_head", "depth_head", "pts_head", "norm_head", "gs_head"):
-            module = getattr(self, name)
-            if module is not None:
-                return module.token_norm.weight.dtype if name == "cam_head" else module.norm.weight.dtype
-        return torch.float32
+        """The dtype the heads compute in: their parameters' (float32 for loaded weights)."""
+        heads = [getattr(self, attr) for attrs in HEAD_MODULES.values() for attr in attrs]
+        return next((p.dtype for m in heads if m is not None for p in m.parameters()), torch.float32)
 
     def _priors(
         self,

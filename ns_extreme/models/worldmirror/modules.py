@@ -211,10 +211,12 @@ def splats_from_gaussian_params(
     """
     B, S, _, H, W = images.shape
     N = S * H * W
-    p = params.reshape(B, S, -1, H, W).permute(0, 1, 3, 4, 2).reshape(B, N, -1)
+    # Channels-last, then split: the layout the reference's reductions see (bit-identical results).
+    p = params.permute(0, 2, 3, 1).contiguous().reshape(B, S, H, W, -1)
     quats, scales, opacities, residual_sh, weights = torch.split(p, [4, 3, 1, 3 * num_sh, 1], dim=-1)
+    quats = quats.reshape(B, N, 4)
     quats = quats / (quats.norm(dim=-1, keepdim=True) + 1e-8)
-    scales = scales.exp().clamp_max(0.3)
+    scales = scales.reshape(B, N, 3).exp().clamp_max(0.3)
     opacities = opacities.reshape(B, N).sigmoid()
     sh = residual_sh.reshape(B, N, num_sh, 3).clone()
     sh[..., 0, :] = sh[..., 0, :] + (images.permute(0, 1, 3, 4, 2).reshape(B, N, 3) - 0.5) / SH_C0
@@ -254,16 +256,19 @@ def _voxel_merge(means, quats, scales, opacities, sh, weights, voxel_size: float
     K = int(inverse.max()) + 1 if inverse.numel() else 0
 
     def weighted_sum(x: torch.Tensor) -> torch.Tensor:
-        flat_x = (x * weights.reshape(-1, *([1] * (x.ndim - 1)))).reshape(x.shape[0], -1)
-        total = flat_x.new_zeros(K, flat_x.shape[1]).index_add_(0, inverse, flat_x)
+        # Column by column with scatter_add_, as the reference: the same summation order, the same float32 result.
+        columns = x.reshape(x.shape[0], -1)
+        total = columns.new_zeros(K, columns.shape[1])
+        for c in range(columns.shape[1]):
+            total[:, c].scatter_add_(0, inverse, columns[:, c] * weights)
         return total.reshape(K, *x.shape[1:])
 
-    weight_sums = weights.new_zeros(K).index_add_(0, inverse, weights).clamp(min=1e-8)
+    weight_sums = weights.new_zeros(K).scatter_add_(0, inverse, weights).clamp(min=1e-8)
     merged_quats = weighted_sum(quats)
     return {
         "means": weighted_sum(means) / weight_sums[:, None],
         "sh": weighted_sum(sh) / weight_sums[:, None, None],
-        "opacities": weights.new_zeros(K).index_add_(0, inverse, weights * weights) / weight_sums,
+        "opacities": weights.new_zeros(K).scatter_add_(0, inverse, weights * weights) / weight_sums,
         "scales": weighted_sum(scales) / weight_sums[:, None],
         "quats": merged_quats / merged_quats.norm(dim=1, keepdim=True).clamp(min=1e-8),
     }
