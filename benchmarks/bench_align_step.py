@@ -378,7 +378,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "--no-checkpointing-too", action="store_true", help="also measure the step without gradient checkpointing"
     )
     ap.add_argument(
-        "--bf16", action="store_true", help="bf16 autocast for the forward (as --bf16 of ns-extreme-align train)"
+        "--bf16", action="store_true", help="bf16 autocast for the forward (as --dtype bf16 of ns-extreme-align train)"
     )
     ap.add_argument("--cache-dir", type=Path, default=default_cache_dir())
     args = ap.parse_args(argv)

@@ -46,6 +46,10 @@ def resolve_device(name: str) -> torch.device:
     return _cuda_device() if name == "cuda" else torch.device(name)
 
 
+FAST_BF16_ENV = "NS_EXTREME_CPU_BF16"
+"""Set to 1 or 0 to say whether this CPU has fast bfloat16 instead of detecting it (what ``--dtype auto`` picks on
+CPU); the test suite sets 0 so its numbers do not depend on the machine it runs on."""
+
 FAST_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 """/proc/cpuinfo flags of x86 CPUs whose bfloat16 matmuls outrun float32 (AMX tiles, AVX-512 BF16 dot products)."""
 
@@ -75,7 +79,11 @@ def torch_sees_fast_bf16() -> bool:
 
 def cpu_has_fast_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """AMX or AVX-512 BF16 make bfloat16 matmuls several times faster than float32 on CPU; AVX2 and plain
-    AVX-512 do not (bfloat16 is then emulated and no faster). The CPU's own flags, or torch's probe."""
+    AVX-512 do not (bfloat16 is then emulated and no faster). The CPU's own flags, or torch's probe; the
+    ``NS_EXTREME_CPU_BF16`` environment variable (1 or 0) overrides both."""
+    forced = os.environ.get(FAST_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     return bool(cpu_flags(cpuinfo) & FAST_BF16_CPU_FLAGS) or torch_sees_fast_bf16()
 
 

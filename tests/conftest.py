@@ -15,6 +15,10 @@ SHARED_DIR = Path(os.environ.get("NS_EXTREME_SHARED", REPO_ROOT.parent / "shared
 DEV_SMALL = SHARED_DIR / "data" / "dev_small"
 BIAS_CKPTS = SHARED_DIR / "fixtures" / "bias_ckpts"
 STATE_DICT_KEYS = SHARED_DIR / "fixtures" / "state_dict_keys"
+# --dtype auto must not depend on the CPU the suite runs on (bf16 on AMX / AVX-512 BF16 CPUs): fp32 everywhere, in
+# this process and the commands it starts; tests/test_runtime_precision.py fakes the detection instead.
+os.environ["NS_EXTREME_CPU_BF16"] = "0"
+
 SCENES = ("strecha_fountain-P11", "strecha_Herz-Jesus-P8", "strecha_castle-P19_odd9", "hloc_sacre_coeur")
 
 

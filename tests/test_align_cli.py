@@ -132,7 +132,7 @@ def test_console_script_help_and_user_errors(tmp_path: Path, pickled_npy: Path) 
                 "--weight-decay",
                 "--warmup-steps",
                 "--grad-clip",
-                "--bf16",
+                "--dtype",
                 "--gradient-checkpointing",
                 "--image-size",
                 "--color-jitter",
@@ -213,9 +213,9 @@ def parse_with_preset(argv: list[str]) -> object:
 def test_preset_file_gives_defaults_and_cli_overrides(tmp_path: Path) -> None:
     values = load_preset(PRESET, "train")
     assert values["bias_set"] == ["paper"] and values["epochs"] == 2 and values["init_alignment"] == "pretrained"
-    cfg = parse_with_preset(["train", "--preset", str(PRESET), "--pairs", "p.json", "--lr", "0.5", "--no-bf16"])
+    cfg = parse_with_preset(["train", "--preset", str(PRESET), "--pairs", "p.json", "--lr", "0.5", "--dtype", "fp32"])
     assert isinstance(cfg, TrainConfig)
-    assert cfg.lr == 0.5 and cfg.bf16 is False  # command line wins
+    assert cfg.lr == 0.5 and cfg.dtype == "fp32"  # command line wins
     assert cfg.epochs == 2 and cfg.bias_set == ("paper",) and cfg.weights == "facebook/VGGT-1B"  # from the preset
     assert cfg.image_size == 518 and cfg.gradient_checkpointing is True and cfg.preset == PRESET
     ev = parse_with_preset(["eval", "--pairs", "t.json", "--preset", str(PRESET)])

@@ -440,6 +440,6 @@ def test_gradient_checkpointing_and_workers_do_not_change_results_bf16_runs(tmp_
     ckpt = train(tiny_cfg(pair_file, tmp_path / "ckpt", gradient_checkpointing=True, num_workers=2, **kw))
     for n in plain.bias_names:
         assert torch.allclose(plain.biases[n], ckpt.biases[n], atol=1e-6, rtol=0), n
-    bf16 = train(tiny_cfg(pair_file, tmp_path / "bf16", bf16=True, **kw))
+    bf16 = train(tiny_cfg(pair_file, tmp_path / "bf16", dtype="bf16", **kw))
     assert all(math.isfinite(h["loss"]) for h in bf16.history)
     assert bf16.history[0]["loss"] == pytest.approx(plain.history[0]["loss"], abs=0.05)

@@ -27,6 +27,21 @@ def cpuinfo(tmp_path: Path, flags) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def detect(monkeypatch):
+    """Detection, not the suite-wide NS_EXTREME_CPU_BF16=0 of conftest.py."""
+    monkeypatch.delenv(runtime.FAST_BF16_ENV, raising=False)
+
+
+def test_environment_variable_overrides_detection(tmp_path, monkeypatch):
+    monkeypatch.setenv(runtime.FAST_BF16_ENV, "1")
+    assert runtime.cpu_has_fast_bf16(cpuinfo(tmp_path, EPYC_AVX2))
+    assert runtime.auto_precision_name(torch.device("cpu")) == "bf16"
+    monkeypatch.setenv(runtime.FAST_BF16_ENV, "0")
+    assert not runtime.cpu_has_fast_bf16(cpuinfo(tmp_path, XEON_AMX))
+    assert runtime.auto_precision_name(torch.device("cpu")) == "fp32"
+
+
 @pytest.fixture
 def torch_probe_says(monkeypatch):
     def say(amx: bool, avx512_bf16: bool) -> None:

@@ -64,7 +64,7 @@ from ns_extreme.io.atomic import atomic_write_json, check_output_location, torch
 from ns_extreme.models import get_spec, load_model
 from ns_extreme.models.bias import BiasSet, bias_state_dict, write_bias_checkpoint
 from ns_extreme.models.registry import CAMERA_HEADS, ModelName, ModelSizeName, model_choices_help
-from ns_extreme.runtime import DeviceName, resolve_device
+from ns_extreme.runtime import DeviceName, auto_precision_name, resolve_device
 
 __all__ = [
     "TrainConfig",
@@ -145,8 +145,10 @@ class TrainConfig:
     """Supervise the last camera-head iteration (as evaluated) or `all` iterations weighted 0.6^(n-1-i) (VGGT
     refines 4 times; π³ has a single camera estimate, for which both are the same)."""
 
-    bf16: bool = False
-    """bfloat16 autocast for the forward pass (the paper evaluates in bf16 on Ampere+ GPUs)."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast precision of the forward pass; the biases, the optimizer and the loss stay float32. auto: bf16 on
+    GPUs with bfloat16 (Ampere+) and CPUs with AMX / AVX-512 BF16 (the same rule as every command's --dtype
+    auto), else fp32. Never fp16: it would need loss scaling."""
     gradient_checkpointing: bool = False
     """Recompute backbone activations in the backward pass: much less memory, ~30 % slower."""
     image_size: int = 518
@@ -485,6 +487,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, device: torch.device, console: Any = None) -> None:
         self.cfg = cfg
         self.device = device
+        precision = auto_precision_name(device) if cfg.dtype == "auto" else cfg.dtype
+        self.autocast_bf16 = precision == "bf16"
         self.console = console if distributed.is_main_process() else None
         self.spec = get_spec(cfg.model)
         self.output_dir = Path(cfg.output_dir)
@@ -656,7 +660,7 @@ class Trainer:
         if n_local:
             images = batch["images"].to(self.device, non_blocking=True)
             R_gt = batch["R_gt"].to(self.device, torch.float32)
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
                 out = self.model(images, heads=CAMERA_HEADS)
             loss = rotation_loss(self.spec.w2c_rotations(out), R_gt, self.spec.reference_frame, cfg.loss_iterations)
             # the batch mean over this rank's pairs, reweighted to their share of the global batch
@@ -673,7 +677,7 @@ class Trainer:
         if not math.isfinite(total_loss):
             raise FloatingPointError(
                 f"non-finite loss at step {self.step} (NaN/Inf in the model outputs): check --weights and "
-                "--init-alignment, lower --lr, or disable --bf16"
+                "--init-alignment, lower --lr, or use --dtype fp32"
             )
         if cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, cfg.grad_clip))
@@ -687,7 +691,7 @@ class Trainer:
             raise FloatingPointError(
                 f"non-finite gradient at step {self.step} (loss {total_loss:.4g}): stopped before updating the "
                 "biases, earlier checkpoints are intact; check --weights and --init-alignment, lower --lr, or "
-                "disable --bf16"
+                "use --dtype fp32"
             )
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()

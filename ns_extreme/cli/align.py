@@ -275,7 +275,7 @@ def preset_defaults(argv: Sequence[str]) -> dict[str, Any]:
 
 
 OUT_OF_MEMORY = (
-    "out of memory; try a smaller --batch-size or --image-size, --gradient-checkpointing or --bf16 (train), "
+    "out of memory; try a smaller --batch-size or --image-size, --gradient-checkpointing or --dtype bf16 (train), "
     "--dtype bf16 (eval on a GPU)"
 )
 DESCRIPTION = (
