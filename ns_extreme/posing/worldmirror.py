@@ -14,7 +14,7 @@ from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
 from ns_extreme.geometry.rotations_torch import matrix_to_quat_xyzw_torch
 from ns_extreme.io.gaussian_ply import SH_C0
 from ns_extreme.models.registry import WORLDMIRROR_SPEC
-from ns_extreme.posing.backbone import FramePredictions, NonFiniteOutputError, _forward, check_finite
+from ns_extreme.posing.backbone import FramePredictions, NonFiniteOutputError, VGGTBackbone, _forward, check_finite
 from ns_extreme.posing.priors import FramePriors
 
 GAUSSIAN_CHANNELS = {"quats": 4, "scales": 3, "opacity": 1}
@@ -57,7 +57,7 @@ class PixelGaussians:
         return PixelGaussians(**{f: getattr(self, f)[views] for f in PixelGaussians.__dataclass_fields__})
 
 
-class WorldMirrorBackbone:
+class WorldMirrorBackbone(VGGTBackbone):
     """Runs WorldMirror's camera, depth and normal heads (and the 3DGS head with ``splats``) with the given priors.
 
     Poses, intrinsics and depth as ``VGGTBackbone`` (the same camera parametrisation: world-to-camera of camera 0).
@@ -79,16 +79,8 @@ class WorldMirrorBackbone:
         narrow_weights: bool = True,
         splats: bool = False,
     ) -> None:
-        self.model = model
-        self.dtype = dtype
-        self.target_size = target_size
-        self.name = name
-        self.dpt_frames_chunk = dpt_frames_chunk
+        super().__init__(model, dtype, target_size, name, dpt_frames_chunk, narrow_weights)
         self.splats = splats
-        if narrow_weights and dtype in (torch.bfloat16, torch.float16):
-            from ns_extreme.models.layers import store_weights_in
-
-            store_weights_in(model, dtype)
 
     def _prior_tensors(self, priors: Optional[FramePriors]) -> dict[str, torch.Tensor]:
         if priors is None:

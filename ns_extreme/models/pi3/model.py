@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ns_extreme.models.dinov2 import DinoV2
+from ns_extreme.models.heads import batched_images, check_heads_present, drop_heads
 from ns_extreme.models.layers import RotaryPositionEmbedding2D, patch_positions
 from ns_extreme.models.pi3.config import Pi3Config
 from ns_extreme.models.pi3.heads import CameraHead, FrameDecoder, PixelShuffleHead, pi3_block, run_block
@@ -82,19 +83,8 @@ class Pi3(nn.Module):
         self.gradient_checkpointing = False
 
     def drop_heads(self, keep: Iterable[str]) -> list[str]:
-        """Remove the decoders and linear heads not in ``keep`` (their weights are then neither loaded nor kept in
-        memory). Returns the state-dict prefixes removed."""
-        keep = set(keep)
-        unknown = keep - set(HEADS)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
-        dropped = []
-        for head, attrs in HEAD_MODULES.items():
-            for attr in attrs:
-                if head not in keep and getattr(self, attr) is not None:
-                    setattr(self, attr, None)
-                    dropped.append(attr + ".")
-        return dropped
+        """Remove the decoders and linear heads not in ``keep``; returns the state-dict prefixes removed."""
+        return drop_heads(self, keep, HEAD_MODULES)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.gradient_checkpointing = enabled
@@ -134,22 +124,10 @@ class Pi3(nn.Module):
         relative poses are defined. The linear heads, exp and SVD run in fp32 even under autocast.
         """
         heads = tuple(heads)
-        unknown = set(heads) - set(HEADS)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
-        absent = [h for h in heads if getattr(self, HEAD_MODULES[h][0]) is None]
-        if absent:
-            raise ValueError(
-                f"this model was built without the {', '.join(absent)} head(s) (drop_heads / load_model(heads=...))"
-            )
-        if images.ndim == 4:
-            images = images[None]
-        if images.ndim != 5 or images.shape[2] != 3:
-            raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
+        check_heads_present(self, heads, HEAD_MODULES)
+        images = batched_images(images, self.cfg.patch_size)
         B, S, _, H, W = images.shape
         p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image height and width must be multiples of {p}, got {H}x{W}")
         rows, cols = H // p, W // p
 
         x = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)

@@ -8,14 +8,15 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from ns_extreme.models.heads import batched_images, check_heads_present, drop_heads
 from ns_extreme.models.vggt.aggregator import Aggregator
 from ns_extreme.models.vggt.camera_head import CameraHead
 from ns_extreme.models.vggt.config import VGGTConfig
 from ns_extreme.models.vggt.dpt_head import DPTHead
 
 HEADS = ("camera", "depth", "points")
-HEAD_MODULES = {"camera": "camera_head", "depth": "depth_head", "points": "point_head"}
-FLOAT32_MODULES = tuple(HEAD_MODULES.values())
+HEAD_MODULES = {"camera": ("camera_head",), "depth": ("depth_head",), "points": ("point_head",)}
+FLOAT32_MODULES = tuple(attr for attrs in HEAD_MODULES.values() for attr in attrs)
 """Submodules whose weights stay float32 under every precision (they compute in float32, as the reference)."""
 
 
@@ -38,16 +39,7 @@ class VGGT(nn.Module):
         """Remove the heads not in ``keep`` (their weights are then neither loaded nor kept in memory: the posing
         pipeline needs only camera + depth, which saves the 32.7 M-parameter point head). Returns the
         state-dict prefixes removed."""
-        keep = set(keep)
-        unknown = keep - set(HEADS)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
-        dropped = []
-        for head, attr in HEAD_MODULES.items():
-            if head not in keep and getattr(self, attr) is not None:
-                setattr(self, attr, None)
-                dropped.append(attr + ".")
-        return dropped
+        return drop_heads(self, keep, HEAD_MODULES)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.aggregator.gradient_checkpointing = enabled
@@ -75,22 +67,9 @@ class VGGT(nn.Module):
         ``world_points_conf [B,S,H,W]``.
         """
         heads = tuple(heads)
-        unknown = set(heads) - set(HEADS)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {HEADS}")
-        absent = [h for h in heads if getattr(self, HEAD_MODULES[h]) is None]
-        if absent:
-            raise ValueError(
-                f"this model was built without the {', '.join(absent)} head(s) (drop_heads / load_model(heads=...))"
-            )
-        if images.ndim == 4:
-            images = images[None]
-        if images.ndim != 5 or images.shape[2] != 3:
-            raise ValueError(f"expected images [B, S, 3, H, W], got {tuple(images.shape)}")
+        check_heads_present(self, heads, HEAD_MODULES)
+        images = batched_images(images, self.cfg.patch_size)
         H, W = images.shape[-2:]
-        p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image height and width must be multiples of {p}, got {H}x{W}")
 
         last = self.cfg.depth - 1
         keep = set(self.cfg.dpt_taps) if {"depth", "points"} & set(heads) else set()

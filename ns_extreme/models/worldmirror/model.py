@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ns_extreme.geometry.pose_encoding import w2c_intrinsics_from_pose_encoding
+from ns_extreme.models.heads import batched_images, check_head_names, check_heads_present, drop_heads
 from ns_extreme.models.vggt.dpt_head import DPTHead
 from ns_extreme.models.worldmirror.config import WorldMirrorConfig
 from ns_extreme.models.worldmirror.modules import (
@@ -80,21 +81,9 @@ class WorldMirror(nn.Module):
         self.gs_renderer = SplatParamHead(cfg.gs_features, cfg.sh_degree)
 
     def drop_heads(self, keep: Iterable[str]) -> list[str]:
-        """Remove the heads not in ``keep`` (their weights are then neither loaded nor kept). Returns the
-        state-dict prefixes removed."""
+        """Remove the heads not in ``keep`` (gs keeps the camera it needs); returns the state-dict prefixes removed."""
         keep = set(keep)
-        unknown = keep - set(WORLDMIRROR_HEADS)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {WORLDMIRROR_HEADS}")
-        if "gs" in keep:
-            keep.add("camera")
-        dropped = []
-        for head, attrs in HEAD_MODULES.items():
-            for attr in attrs:
-                if head not in keep and getattr(self, attr) is not None:
-                    setattr(self, attr, None)
-                    dropped.append(attr + ".")
-        return dropped
+        return drop_heads(self, keep | ({"camera"} if "gs" in keep else set()), HEAD_MODULES)
 
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         self.visual_geometry_transformer.gradient_checkpointing = enabled
@@ -123,24 +112,12 @@ class WorldMirror(nn.Module):
         per batch element). Confidences are ``[B,S,H,W]``, >= 1.
         """
         heads = WORLDMIRROR_HEADS if heads is None else tuple(heads)
-        unknown = set(heads) - set(WORLDMIRROR_HEADS)
-        if unknown:
-            raise ValueError(f"unknown heads {sorted(unknown)}; choose from {WORLDMIRROR_HEADS}")
+        check_head_names(heads, HEAD_MODULES)
         run = set(heads) | ({"camera"} if "gs" in heads else set())
-        absent = [h for h in WORLDMIRROR_HEADS if h in run and any(getattr(self, a) is None for a in HEAD_MODULES[h])]
-        if absent:
-            raise ValueError(
-                f"this model was built without the {', '.join(absent)} head(s) (drop_heads / load_model(heads=...))"
-            )
+        check_heads_present(self, [h for h in WORLDMIRROR_HEADS if h in run], HEAD_MODULES)
         batched = images.ndim == 5
-        if images.ndim == 4:
-            images = images[None]
-        if images.ndim != 5 or images.shape[2] != 3:
-            raise ValueError(f"expected images [B, S, 3, H, W] or [S, 3, H, W], got {tuple(images.shape)}")
+        images = batched_images(images, self.cfg.patch_size)
         B, S, _, H, W = images.shape
-        p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image height and width must be multiples of {p}, got {H}x{W}")
         priors = self._priors(images, batched, poses_c2w, intrinsics, depth)
 
         last = self.cfg.depth - 1
