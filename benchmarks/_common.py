@@ -215,11 +215,18 @@ def write_image_folder(folder: Path, n: int, width: int = 640, height: int = 480
 # ------------------------------------------------------------------------------------------------ weights
 
 
+_TOKEN_NAMES = ("camera_token", "register_token", "cls_token", "register_tokens", "empty_pose_tokens")
+_TOKEN_NAMES += ("cam_token", "reg_token", "init_token")  # WorldMirror's
+
+
 @torch.no_grad()
-def enrich_random_weights(model: torch.nn.Module, seed: int) -> None:
-    """Give the parameters that default init leaves trivial (LayerScale 0.01, zero biases and tokens, DPT convs
-    that shrink activations ~6× per layer) non-trivial values, so that output differences between precisions
-    are not hidden by near-constant outputs (the same recipe as the project's parity check)."""
+def enrich_random_weights(
+    model: torch.nn.Module, seed: int, dense_heads: tuple[str, ...] = ("depth_head", "point_head")
+) -> None:
+    """Give the parameters that default init leaves trivial (LayerScale 0.01, zero biases and tokens, the convs of
+    the ``dense_heads`` that shrink activations ~6× per layer) non-trivial values, so that output differences
+    between precisions or implementations are not hidden by near-constant outputs (VGGT's and WorldMirror's token
+    names both listed: they do not overlap)."""
     from torch import nn
 
     g = torch.Generator().manual_seed(seed)
@@ -241,11 +248,11 @@ def enrich_random_weights(model: torch.nn.Module, seed: int) -> None:
             normal_(p, 0.0, 0.3)
         elif leaf == "bias":
             normal_(p, 0.0, 0.05)
-        elif leaf in ("camera_token", "register_token", "cls_token", "register_tokens", "empty_pose_tokens"):
+        elif leaf in _TOKEN_NAMES:
             normal_(p, 0.0, 0.5)
         elif leaf == "pos_embed":
             normal_(p, 0.0, 0.1)
-    for head_name in ("depth_head", "point_head"):
+    for head_name in dense_heads:
         for mod in getattr(model, head_name).modules():
             if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
                 w = mod.weight

@@ -33,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from _common import RESULTS, environment  # noqa: E402
+from _common import RESULTS, enrich_random_weights, environment  # noqa: E402
 
 from ns_extreme.models.bias import apply_bias_tensors, read_bias_checkpoint  # noqa: E402
 from ns_extreme.models.worldmirror import WorldMirror, WorldMirrorConfig  # noqa: E402
@@ -98,38 +98,9 @@ def reference_class(reference: Path, extra_paths: list[str], cfg: WorldMirrorCon
 
 @torch.no_grad()
 def enrich(model: nn.Module, seed: int) -> None:
-    """Non-trivial values for what default init leaves trivial (LayerScale 0.01, zero biases and tokens, DPT convs
-    that shrink activations), so that a wiring difference cannot hide behind near-constant outputs; positive
-    fields of view so that the intrinsics are finite."""
-    g = torch.Generator().manual_seed(seed)
-
-    def normal_(p: torch.Tensor, mean: float, std: float) -> None:
-        p.copy_(torch.randn(p.shape, generator=g) * std + mean)
-
-    norms = set()
-    for mod in model.modules():
-        if isinstance(mod, nn.LayerNorm) and mod.elementwise_affine:
-            normal_(mod.weight, 1.0, 0.2)
-            normal_(mod.bias, 0.0, 0.2)
-            norms.update((id(mod.weight), id(mod.bias)))
-    for name, p in model.named_parameters():
-        if id(p) in norms:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "gamma":
-            normal_(p, 0.0, 0.3)
-        elif leaf == "bias":
-            normal_(p, 0.0, 0.05)
-        elif leaf in ("cam_token", "reg_token", "cls_token", "register_tokens", "init_token"):
-            normal_(p, 0.0, 0.5)
-        elif leaf == "pos_embed":
-            normal_(p, 0.0, 0.1)
-    for head in (model.depth_head, model.pts_head, model.norm_head, model.gs_head, model.gs_renderer):
-        for mod in head.modules():
-            if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
-                w = mod.weight
-                fan_in = w.shape[1] * w.shape[2] * w.shape[3] if isinstance(mod, nn.Conv2d) else w.shape[0]
-                normal_(w, 0.0, 1.0 / fan_in**0.5)
+    """``enrich_random_weights`` over WorldMirror's dense heads, plus positive fields of view so that the
+    intrinsics are finite."""
+    enrich_random_weights(model, seed, dense_heads=("depth_head", "pts_head", "norm_head", "gs_head", "gs_renderer"))
     model.cam_head.param_predictor.fc2.bias[7:] += 0.5
 
 
