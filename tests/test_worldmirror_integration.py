@@ -328,6 +328,14 @@ def test_normals_png_round_trip(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+def first_photos(dev_small: Path, folder: Path, n: int) -> Path:
+    """A folder with copies of the first ``n`` photos of SCENE."""
+    folder.mkdir()
+    for p in sorted((dev_small / SCENE / "images").iterdir())[:n]:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
 def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "COLUMNS": "150"}
 
@@ -335,10 +343,7 @@ def _env() -> dict:
 def test_extreme_poses_with_worldmirror_priors_normals_and_splats(dev_small: Path, tmp_path: Path) -> None:
     """Known poses for all views and depth for two of four: every prior goes in, known poses come out exactly,
     normals/ and splats.ply are written in the dataset's world and listed."""
-    images = tmp_path / "photos"
-    images.mkdir()
-    for p in sorted((dev_small / SCENE / "images").iterdir())[:4]:
-        shutil.copy(p, images / p.name)
+    images = first_photos(dev_small, tmp_path / "photos", 4)
     depth = tmp_path / "depth"
     depth.mkdir()
     names = sorted(p.stem for p in images.iterdir())
@@ -440,10 +445,7 @@ def test_extreme3d_dataparser_poses_a_raw_folder_with_worldmirror_and_its_depth_
     from ns_extreme.posing import PoseModelOptions, PosingOptions
     from ns_extreme.posing.refine import RefineOptions
 
-    images = tmp_path / "photos"
-    images.mkdir()
-    for p in sorted((dev_small / SCENE / "images").iterdir())[:3]:
-        shutil.copy(p, images / p.name)
+    images = first_photos(dev_small, tmp_path / "photos", 3)
     depth = tmp_path / "depth"
     depth.mkdir()
     write_depth_npy(depth / f"{sorted(images.iterdir())[0].stem}.npy", np.full((256, 384), 2.0, np.float32))
