@@ -291,6 +291,32 @@ def test_splat_rotations_stay_in_the_network_world_for_every_view():
     assert np.degrees((want.inv() * got).magnitude()).max() < 1e-3
 
 
+def test_splats_follow_the_world_scale_of_scale_from(tiny_wm, dev_small: Path, tmp_path: Path) -> None:
+    """--scale-from rescales the world after inference: the Gaussians' depth must follow it like the depth maps,
+    or the splats of a dataset in metres sit at the model's arbitrary distances."""
+    from ns_extreme.posing import PosingOptions, pose_images
+    from ns_extreme.posing.refine import RefineOptions
+
+    photos = sorted(first_photos(dev_small, tmp_path / "photos", 3).iterdir())
+    backbone = WorldMirrorBackbone(tiny_wm, target_size=56, splats=True)
+    recons = [
+        pose_images(
+            photos,
+            backbone,
+            PosingOptions(
+                scale_from=f"{photos[0].name},{photos[2].name},{metres}",
+                orient="none",
+                refinement=RefineOptions(refine=False),
+            ),
+            progress=False,
+        )
+        for metres in (1.0, 2.0)
+    ]
+    np.testing.assert_allclose(recons[1].depth, 2 * recons[0].depth, rtol=1e-5)
+    np.testing.assert_allclose(recons[1].gaussians.depth, 2 * recons[0].gaussians.depth, rtol=1e-5)
+    np.testing.assert_allclose(recons[1].gaussians.scales, 2 * recons[0].gaussians.scales, rtol=1e-5)
+
+
 def test_gaussian_ply_round_trip_and_point_cloud_view(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     n = 50

@@ -98,8 +98,14 @@ class _Cameras:
     known: dict[int, int] = field(default_factory=dict)
     """view -> row of the --poses-from model."""
     depth_scale: float = 1.0
-    """Factor from the model's depth units to the world's (the Sim(3) onto --poses-from)."""
+    """Factor from the model's depth units to the world's (the Sim(3) onto --poses-from, or --scale-from)."""
     world_source: str = "model"
+
+    def apply(self, sim) -> None:
+        """Move the cameras into the world of ``sim`` (a Sim(3)); depth follows its scale."""
+        self.w2c = transform_w2c_opencv(self.w2c, sim)
+        self.depth *= np.float32(sim.scale)
+        self.depth_scale *= float(sim.scale)
 
 
 def _known_poses_stage(
@@ -122,10 +128,7 @@ def _known_poses_stage(
             f"e.g. {distorted[0]}; undistort the images first for exact geometry (ns-process-data extreme-poses "
             "does so for COLMAP models)"
         )
-    sim = sim3_to_known(cams.w2c[views], known.w2c_opencv[rows])
-    cams.w2c = transform_w2c_opencv(cams.w2c, sim)
-    cams.depth *= np.float32(sim.scale)
-    cams.depth_scale = float(sim.scale)
+    cams.apply(sim3_to_known(cams.w2c[views], known.w2c_opencv[rows]))
     for i, k in matches.items():
         cams.w2c[i] = known.w2c_opencv[k]
         if options.intrinsics == "auto":
@@ -314,8 +317,7 @@ def pose_images(
             cams.w2c, cloud.xyz, image_paths, options.orient, options.scale_from, options.seed
         )
         if world is not None:
-            cams.w2c = transform_w2c_opencv(cams.w2c, world)
-            cams.depth *= np.float32(world.scale)
+            cams.apply(world)
             cloud.xyz = world.apply(cloud.xyz)
             if input_w2c is not None:
                 input_w2c = transform_w2c_opencv(input_w2c, world)
