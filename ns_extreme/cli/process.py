@@ -219,25 +219,26 @@ class ExtremePoses:
                 f"least 2 (skipped: {shown}); replace or remove the unreadable files, or add more photos"
             )
         usable = list(screen.usable)
-        if self.camera_model is not None or self.camera_params is not None:
-            usable = self._undistort(usable)
-        elif self._colmap_poses_from():
-            usable = self._undistort_known(usable)
+        # every quick check before the undistortion, which writes a copy of each photo
         if self.num_downscales < 0:
             raise ValueError(f"--num-downscales must be 0 or more, got {self.num_downscales}")
         if self.posing.masks is not None:
             from ns_extreme.io.masks import mask_files_by_stem
 
-            mask_files_by_stem(self.posing.masks, list(screen.usable))
+            mask_files_by_stem(self.posing.masks, usable)
         from ns_extreme.posing.metric_scale import ScaleFromDistance, parse_scale_from
 
         self.posing.check_world_options()
         spec = parse_scale_from(self.posing.scale_from)
-        names = [p.name for p in screen.usable]
+        names = [p.name for p in usable]
         if isinstance(spec, ScaleFromDistance):
             for name in (spec.a, spec.b):
                 if name not in names:
                     raise ValueError(f"--scale-from: no photo in --data is named {name!r}")
+        if self.camera_model is not None or self.camera_params is not None:
+            usable = self._undistort(usable)
+        elif self._colmap_poses_from():
+            usable = self._undistort_known(usable)
         return usable
 
     def _colmap_poses_from(self) -> bool:
