@@ -590,6 +590,12 @@ POSES_ERRORS = [
     ),
     ("camera-params-without-model", ["--camera-params", "1,1,1,1,0,0,0,0"], ["--camera-model and --camera-params"]),
     ("num-downscales-negative", ["--num-downscales", "-1"], ["--num-downscales must be 0 or more"]),
+    ("poses-from-missing", ["--poses-from", "{root}/nomodel"], ["--poses-from: ", "nomodel not found"]),
+    (
+        "poses-from-not-a-model",
+        ["--poses-from", "{empty}"],
+        ["--poses-from", "expected a COLMAP model folder (cameras, images .bin or .txt) or a transforms.json"],
+    ),
     ("depth-prior-for-a-model-without-one", ["--depth-from", "{root}"], ["--depth-from: vggt takes no depth prior"]),
     ("splats-from-a-model-without-them", ["--write-splats"], ["--write-splats: vggt predicts no 3D Gaussians"]),
     (

@@ -512,11 +512,11 @@ def test_poses_from_distortion_is_undone_with_the_models_own_lens(dev_small: Pat
     own camera model puts a ray that the new pinhole camera maps to the output pixel (within 0.01 px)."""
     import pycolmap
 
-    from ns_extreme.io.undistort import lens_from_colmap, undistort_with_known_model, undistorted_camera
+    from ns_extreme.io.undistort import lens_from_colmap, undistort_with_known_poses, undistorted_camera
 
     model = dev_small / SACRE / "sparse" / "0"
     photos = sorted((dev_small / SACRE / "images").iterdir())[:2]
-    paths, new_model, lenses = undistort_with_known_model(model, photos, tmp_path)
+    paths, new_model, lenses = undistort_with_known_poses(model, photos, tmp_path)
     assert [p.parent for p in paths] == [tmp_path, tmp_path] and set(lenses) == {p.name for p in photos}
     original, rewritten = pycolmap.Reconstruction(str(model)), pycolmap.Reconstruction(str(new_model))
     for photo in photos:
@@ -559,3 +559,142 @@ def test_command_poses_from_a_distorted_model(dev_small: Path, tmp_path: Path) -
     rec = pycolmap.Reconstruction(str(out / "sparse" / "0"))
     for image in rec.images.values():
         np.testing.assert_allclose(image.camera.calibration_matrix(), lenses[image.name]["undistorted_K"], rtol=1e-9)
+
+
+# nerfstudio's OPENCV lens, [k1, k2, k3, k4, p1, p2]: k3 (the r⁶ term) makes it COLMAP's FULL_OPENCV
+NS_LENS = {"k1": -0.1, "k2": 0.02, "k3": 0.004, "k4": 0.0, "p1": 0.001, "p2": -0.0008}
+
+
+def _transforms_with_lens(ref: Reference, folder: Path, lens: dict, camera_model: str = "OPENCV") -> Path:
+    """A transforms.json of ``ref``'s cameras whose photos were taken through ``lens`` (global keys)."""
+    from ns_extreme.io.transforms_json import write_transforms_json
+
+    path = write_transforms_json(folder / "transforms.json", [f"images/{n}" for n in ref.names], ref.w2c, ref.K,
+                                 ref.sizes_wh)  # fmt: skip
+    data = json.loads(path.read_text())
+    for frame in data["frames"]:  # the writer puts zero distortion on each frame; the file's lens is global
+        for key in NS_LENS:
+            frame.pop(key, None)
+    data.update(lens, camera_model=camera_model)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_poses_from_transforms_json_lens_is_undone_with_nerfstudios_own_model(herz: Reference, tmp_path: Path) -> None:
+    """A transforms.json with nerfstudio's OPENCV lens (k1, k2, k3, p1, p2): each undistorted photo samples its
+    original exactly where nerfstudio's own distortion model puts the ray of the output pixel (within 0.01 px), and
+    the rewritten transforms.json gives those frames the pinhole camera and zero distortion."""
+    import torch
+    from nerfstudio.cameras.camera_utils import _compute_residual_and_jacobian
+
+    from ns_extreme.io.undistort import LensDistortion, undistort_with_known_poses, undistorted_camera
+    from ns_extreme.posing.known_poses import read_known_poses
+
+    ref = herz.subset([0, 1])
+    json_path = _transforms_with_lens(ref, tmp_path / "given", NS_LENS)
+    assert read_known_poses(json_path).distorted == ref.names  # before: the lens would be dropped
+    (tmp_path / "out").mkdir()
+    paths, new_json, lenses = undistort_with_known_poses(json_path, ref.paths, tmp_path / "out")
+    assert [p.parent for p in paths] == [tmp_path / "out"] * 2 and set(lenses) == set(ref.names)
+    known = read_known_poses(new_json)
+    assert known.distorted == [] and known.names == ref.names
+    np.testing.assert_allclose(known.w2c_opencv, ref.w2c, atol=1e-9)  # poses untouched
+    dist = torch.tensor([NS_LENS[k] for k in ("k1", "k2", "k3", "k4", "p1", "p2")], dtype=torch.float64)
+    for k, name in enumerate(ref.names):
+        lens = lenses[name]
+        assert lens["model"] == "FULL_OPENCV" and lens["nerfstudio_model"] == "OPENCV"
+        (w, h), K = ref.sizes_wh[k], ref.K[k]
+        new_K, map_x, map_y = undistorted_camera(LensDistortion(lens["model"], lens["params"]), (w, h))
+        np.testing.assert_allclose(known.intrinsics[k], new_K, rtol=1e-12)
+        np.testing.assert_allclose(lens["undistorted_K"], new_K, rtol=1e-12)
+        jj, ii = np.mgrid[10 : h - 10 : 37, 10 : w - 10 : 41]
+        rays = np.stack([ii + 0.5, jj + 0.5, np.ones_like(ii)], -1).reshape(-1, 3) @ np.linalg.inv(new_K).T
+        x, y = (torch.from_numpy(np.ascontiguousarray(rays[:, c])) for c in (0, 1))
+        zero = torch.zeros_like(x)
+        xd, yd = _compute_residual_and_jacobian(x, y, zero, zero, dist)[:2]  # nerfstudio's forward distortion
+        expected = np.stack([K[0, 0] * xd.numpy() + K[0, 2], K[1, 1] * yd.numpy() + K[1, 2]], -1)
+        sampled = np.stack([map_x[jj, ii].ravel(), map_y[jj, ii].ravel()], -1) + 0.5
+        assert np.abs(sampled - expected).max() < 0.01
+        assert np.abs(expected - (np.stack([ii, jj], -1).reshape(-1, 2) + 0.5)).max() > 5  # the lens moved pixels
+
+
+def test_poses_from_transforms_json_fisheye_without_coefficients_is_still_a_fisheye(
+    herz: Reference, tmp_path: Path
+) -> None:
+    """OPENCV_FISHEYE with k1..k4 = 0 is the equidistant projection, not a pinhole: undistorted all the same."""
+    from ns_extreme.io.undistort import undistort_with_known_poses
+    from ns_extreme.posing.known_poses import read_known_poses
+
+    ref = herz.subset([0])
+    json_path = _transforms_with_lens(ref, tmp_path / "given", {}, camera_model="OPENCV_FISHEYE")
+    (tmp_path / "out").mkdir()
+    _, new_json, lenses = undistort_with_known_poses(json_path, ref.paths, tmp_path / "out", fisheye_fov_deg=100.0)
+    assert lenses[ref.names[0]]["model"] == "OPENCV_FISHEYE"
+    fx = read_known_poses(new_json).intrinsics[0][0, 0]
+    assert np.degrees(2 * np.arctan(ref.sizes_wh[0][0] / 2 / fx)) == pytest.approx(100.0)
+
+
+def test_command_poses_from_a_transforms_json_with_a_lens(herz: Reference, tmp_path: Path) -> None:
+    """ns-process-data extreme-poses --poses-from transforms.json with a lens: photos undistorted, no lens warning,
+    the given poses kept (relative poses exactly) with the undistorted pinhole cameras."""
+    import os
+    import subprocess
+    import sys
+
+    from ns_extreme.io.colmap_model import read_colmap_model
+
+    ref = herz.subset([0, 1, 2])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in ref.paths:
+        (photos / p.name).write_bytes(p.read_bytes())
+    json_path = _transforms_with_lens(ref, tmp_path / "given", NS_LENS)
+    out = tmp_path / "dataset"
+    cmd = [
+        str(Path(sys.executable).parent / "ns-process-data"), "extreme-poses", "--data", str(photos),
+        "--output-dir", str(out), "--model-size", "tiny", "--weights", "random", "--no-refine",
+        "--poses-from", str(json_path), "--num-downscales", "0",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    prov = json.loads((out / "extreme_poses.json").read_text())
+    assert not any("distortion" in w for w in prov["warnings"]), prov["warnings"]
+    lenses = prov["lens_distortion"]["photos"]
+    assert sorted(lenses) == ref.names and all(v["nerfstudio_model"] == "OPENCV" for v in lenses.values())
+    model = read_colmap_model(out / "sparse" / "0")
+    order = [model.image_names.index(n) for n in ref.names]
+    for k, i in enumerate(order):
+        np.testing.assert_allclose(model.K[i], lenses[ref.names[k]]["undistorted_K"], rtol=1e-9)
+    np.testing.assert_allclose(_relative_poses(model.w2c_opencv[order]), _relative_poses(ref.w2c), atol=1e-6)
+
+
+def _relative_poses(w2c: np.ndarray) -> np.ndarray:
+    """Every camera-to-camera transform [N, N, 4, 4]: the same in any world the cameras are moved to rigidly."""
+    from ns_extreme.geometry.conventions import invert_rigid, to_homogeneous
+
+    T = to_homogeneous(w2c)
+    return np.stack([np.stack([T[a] @ invert_rigid(T[b]) for b in range(len(T))]) for a in range(len(T))])
+
+
+@pytest.mark.parametrize(
+    "model, coefficients",
+    [("FULL_OPENCV", [-0.1, 0.02, 0.001, -0.0008, 0.004, 0.01, -0.002, 0.003]), ("OPENCV_FISHEYE", [0.0] * 4)],
+)
+def test_colmap_lens_maps_match_pycolmaps_own_camera_model(model: str, coefficients: list[float]) -> None:
+    """COLMAP's FULL_OPENCV (k1, k2, p1, p2, k3..k6: OpenCV's rational model) and a coefficient-free fisheye: each
+    output pixel samples the original where pycolmap's own camera puts its ray (within 0.01 px)."""
+    import pycolmap
+
+    from ns_extreme.io.undistort import lens_from_colmap, undistorted_camera
+
+    w, h = 640, 480
+    params = [500.0, 505.0, 321.0, 239.0, *coefficients]
+    cam = pycolmap.Camera(model=model, width=w, height=h, params=params)
+    lens = lens_from_colmap(model, params)
+    assert lens is not None and lens.model == model
+    K, map_x, map_y = undistorted_camera(lens, (w, h))
+    jj, ii = np.mgrid[10 : h - 10 : 23, 10 : w - 10 : 29]
+    rays = np.stack([ii + 0.5, jj + 0.5, np.ones_like(ii)], -1).reshape(-1, 3) @ np.linalg.inv(K).T
+    expected = cam.img_from_cam(np.ascontiguousarray(rays))
+    sampled = np.stack([map_x[jj, ii].ravel(), map_y[jj, ii].ravel()], -1) + 0.5
+    assert np.abs(sampled - expected).max() < 0.01

@@ -487,3 +487,37 @@ def test_extreme3d_dataparser_poses_a_raw_folder_with_worldmirror_and_its_depth_
     config = Extreme3DDataParserConfig(data=images, backbone=PoseModelOptions(model="vggt", **tiny), posing=posing)
     with pytest.raises(ValueError, match="--depth-from: vggt takes no depth prior"):
         config.setup().get_dataparser_outputs(split="train")
+
+
+def test_masked_pixels_give_no_splats(tiny_wm, dev_small: Path, tmp_path: Path) -> None:
+    """--masks (left half ignored): every Gaussian comes from a kept pixel, so it projects into the kept half of the
+    view it came from; without the masks, the left half gives Gaussians too."""
+    from PIL import Image
+
+    from ns_extreme.geometry.projection import project_points
+    from ns_extreme.posing import PosingOptions, pose_images
+    from ns_extreme.posing.refine import RefineOptions
+    from ns_extreme.posing.splats import splats_from_reconstruction
+
+    photos = sorted(first_photos(dev_small, tmp_path / "photos", 3).iterdir())
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for p in photos:
+        w, h = Image.open(p).size
+        keep = np.full((h, w), 255, np.uint8)
+        keep[:, : w // 2] = 0
+        Image.fromarray(keep).save(masks / f"{p.stem}.png")
+    backbone = WorldMirrorBackbone(tiny_wm, target_size=56, splats=True)
+    left_share = {}
+    for masked in (False, True):
+        opts = PosingOptions(masks=masks if masked else None, orient="none", refinement=RefineOptions(refine=False))
+        recon = pose_images(photos, backbone, opts, progress=False)
+        splats = splats_from_reconstruction(recon, conf_percentile=0.0)
+        assert len(splats) > 0
+        u = np.concatenate([
+            project_points(splats.means[splats.view == i], recon.w2c_opencv[i], recon.intrinsics[i])[0][:, 0]
+            / recon.sizes_wh[i][0]
+            for i in range(len(photos))
+        ])  # fmt: skip
+        left_share[masked] = float((u < 0.5).mean())
+    assert left_share[True] == 0.0 and left_share[False] > 0.2, left_share

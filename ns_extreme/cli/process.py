@@ -113,12 +113,12 @@ class ExtremePoses:
     """Also run the pretrained (unaligned) model and store its poses in extreme_poses.json for comparison."""
     depth_format: Literal["png", "npy", "none"] = "png"
     """Per-view depth maps: 16-bit PNG in millimetres of the dataset unit, float32 .npy, or none."""
-    camera_model: Optional[Literal["OPENCV", "OPENCV_FISHEYE"]] = None
+    camera_model: Optional[Literal["OPENCV", "FULL_OPENCV", "OPENCV_FISHEYE"]] = None
     """Lens of the photos when known (one camera for all, COLMAP's models): they are undistorted first (OpenCV) and
     posed and exported as pinhole images; the original distortion goes to extreme_poses.json. Needs --camera-params."""
     camera_params: Optional[str] = None
-    """OPENCV: fx,fy,cx,cy,k1,k2,p1,p2; OPENCV_FISHEYE: fx,fy,cx,cy,k1,k2,k3,k4 (pixels of the upright originals,
-    COLMAP convention)."""
+    """OPENCV: fx,fy,cx,cy,k1,k2,p1,p2; FULL_OPENCV: fx,fy,cx,cy,k1,k2,p1,p2,k3,k4,k5,k6; OPENCV_FISHEYE:
+    fx,fy,cx,cy,k1,k2,k3,k4 (pixels of the upright originals, COLMAP convention)."""
     fisheye_fov: float = 90.0
     """OPENCV_FISHEYE only: horizontal field of view, degrees, of the pinhole view fisheye photos are undistorted to
     (same size and principal point)."""
@@ -237,27 +237,26 @@ class ExtremePoses:
                     raise ValueError(f"--scale-from: no photo in --data is named {name!r}")
         if self.camera_model is not None or self.camera_params is not None:
             usable = self._undistort(usable)
-        elif self._colmap_poses_from():
+        elif self.posing.poses_from is not None:
+            if not Path(self.posing.poses_from).exists():
+                raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")
             usable = self._undistort_known(usable)
         return usable
 
-    def _colmap_poses_from(self) -> bool:
-        folder = self.posing.poses_from
-        return folder is not None and any((Path(folder) / f"cameras.{ext}").is_file() for ext in ("bin", "txt"))
-
     def _undistort_known(self, images: list[Path]) -> list[Path]:
-        """Photos whose --poses-from COLMAP camera has distortion, undistorted into a temporary folder, and the
-        model with those cameras as their undistorted pinhole ones (posing then uses both)."""
-        from ns_extreme.io.undistort import LensDistortion, undistort_with_known_model
+        """Photos whose --poses-from camera (COLMAP model or transforms.json) has distortion, undistorted into a
+        temporary folder, and a copy of --poses-from with those cameras as their undistorted pinhole ones (posing
+        then uses both)."""
+        from ns_extreme.io.undistort import LensDistortion, undistort_with_known_poses
 
         self._undistorted_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_undistorted_"))
         with self._console().status("undistorting photos with the --poses-from cameras ..."):
-            paths, model, lenses = undistort_with_known_model(
+            paths, poses, lenses = undistort_with_known_poses(
                 Path(self.posing.poses_from), images, self._undistorted_dir, self.fisheye_fov
             )
-        if model is not None:
+        if poses is not None:
             self._lens = {"source": f"--poses-from {self.posing.poses_from}", "photos": lenses}
-            self.posing.poses_from = model
+            self.posing.poses_from = poses
             self._undistort_masks(images, {n: LensDistortion(v["model"], v["params"]) for n, v in lenses.items()})
         return paths
 
@@ -356,8 +355,6 @@ class ExtremePoses:
 
         rearm_interrupt_signals()  # pycolmap (imported by write_dataset) replaces the SIGTERM handler
         console.print(f"[bold]extreme-poses[/bold]: {len(images)} images in {escape(str(self.data))}")
-        if self.posing.poses_from is not None and not Path(self.posing.poses_from).exists():
-            raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")
         if self.posing.depth_from is not None and not Path(self.posing.depth_from).is_dir():
             raise FileNotFoundError(f"--depth-from: folder not found: {self.posing.depth_from}")
 

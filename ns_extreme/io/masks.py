@@ -87,6 +87,14 @@ def photo_masks(
     return [a if a is not None else np.ones((h, w), bool) for a, (w, h) in zip(alphas, sizes_wh)]
 
 
+def kept_pixels_preprocessed(records: Sequence[PreprocessRecord], masks: Optional[Sequence[np.ndarray]]) -> np.ndarray:
+    """[N, H, W] bool at the network's resolution: real (unpadded) pixels that the photo masks keep."""
+    valid = np.stack([r.valid_mask_preprocessed() for r in records])
+    if masks is not None:
+        valid &= np.stack([mask_to_preprocessed(m, r) for m, r in zip(masks, records)])
+    return valid
+
+
 def mask_to_preprocessed(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """Nearest-neighbour sample of an original-resolution mask at the preprocessed pixel centres (False outside)."""
     H, W = record.final_hw

@@ -31,14 +31,16 @@ def read_known_poses(path: Path) -> KnownPoses:
         names = [Path(n).name for n in names]
         distorted = [n for n, d in zip(names, meta["distortion_params"]) if np.any(np.asarray(d) != 0)]
         return KnownPoses(names, w2c, K, sizes, f"transforms.json {path}", distorted)
-    if path.is_dir():
+    if path.is_dir() and any((path / f"cameras.{ext}").is_file() for ext in ("bin", "txt")):
         from ns_extreme.io.colmap_model import read_colmap_model
 
         model = read_colmap_model(path)
         names = [Path(n).name for n in model.image_names]
         distorted = [n for n, extra in zip(names, model.extra_params) if np.any(np.asarray(extra) != 0)]
         return KnownPoses(names, model.w2c_opencv, model.K, model.sizes_wh, f"COLMAP {path}", distorted)
-    raise FileNotFoundError(f"--poses-from {path}: expected a COLMAP model folder or a transforms.json")
+    raise FileNotFoundError(
+        f"--poses-from {path}: expected a COLMAP model folder (cameras, images .bin or .txt) or a transforms.json"
+    )
 
 
 def match_known(image_paths: list[Path], known: KnownPoses) -> dict[int, int]:

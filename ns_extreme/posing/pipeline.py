@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from ns_extreme.geometry.sim3 import sim3_from_camera_pairs, transform_w2c_opencv
 from ns_extreme.io.images import PreprocessedBatch, SkippedImage, preprocess_images, screen_images
-from ns_extreme.io.masks import mask_to_preprocessed, photo_masks
+from ns_extreme.io.masks import kept_pixels_preprocessed, photo_masks
 from ns_extreme.io.sfm_points import POINT_SOURCE_SFM
 from ns_extreme.posing.backbone import PosingBackbone
 from ns_extreme.posing.chunking import predict_in_chunks
@@ -126,7 +126,7 @@ def _known_poses_stage(
         notes.append(
             f"{len(distorted)} known cameras have lens distortion that the export drops (pinhole intrinsics only), "
             f"e.g. {distorted[0]}; undistort the images first for exact geometry (ns-process-data extreme-poses "
-            "does so for COLMAP models)"
+            "does so for OPENCV, FULL_OPENCV, RADIAL and fisheye lenses)"
         )
     cams.apply(sim3_to_known(cams.w2c[views], known.w2c_opencv[rows]))
     for i, k in matches.items():
@@ -286,10 +286,8 @@ def pose_images(
         notes.append(f"skipped {len(skipped)} of {total} image(s) that cannot be posed: {_skipped_summary(skipped)}")
     if options.poses_from is not None:
         _known_poses_stage(cams, image_paths, sizes_wh, options, notes)
-    valid = np.stack([r.valid_mask_preprocessed() for r in records])
     masks = photo_masks(image_paths, sizes_wh, options.masks)
-    if masks is not None:
-        valid &= np.stack([mask_to_preprocessed(m, r) for m, r in zip(masks, records)])
+    valid = kept_pixels_preprocessed(records, masks)
     cams.depth[~valid] = 0.0
 
     refinement = None

@@ -1,10 +1,10 @@
 """``--write-splats``: the 3DGS head's per-pixel Gaussians placed in the final world and filtered by confidence.
 
 The raw per-pixel Gaussians of WorldMirror are unusable as they are (one per pixel, many in the sky, on edges and
-on padding). Kept: real (unpadded) pixels whose 3DGS-depth confidence reaches the view's ``conf_percentile`` and
-whose opacity reaches ``min_opacity``, then at most ``max_splats`` at random. Each is placed with the view's final
-camera (after the Sim(3) onto known poses and refinement) and the final intrinsics at the network resolution, like
-the depth points of ``sparse_pc.ply``.
+on padding). Kept: real (unpadded) pixels that the photo masks keep (``--masks``, alpha channels), whose 3DGS-depth
+confidence reaches the view's ``conf_percentile`` and whose opacity reaches ``min_opacity``, then at most
+``max_splats`` at random. Each is placed with the view's final camera (after the Sim(3) onto known poses and
+refinement) and the final intrinsics at the network resolution, like the depth points of ``sparse_pc.ply``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from ns_extreme.geometry.conventions import invert_rigid, to_homogeneous
+from ns_extreme.io.masks import kept_pixels_preprocessed
 
 DEFAULT_MAX_SPLATS = 1_000_000
 DEFAULT_MIN_OPACITY = 0.05
@@ -101,7 +102,7 @@ def splats_from_reconstruction(
     if recon.gaussians is None:
         raise ValueError("this reconstruction has no Gaussians (pose with a backbone built with splats=True)")
     K_pre = np.stack([r.intrinsics_to_preprocessed(k) for r, k in zip(recon.records, recon.intrinsics)])
-    valid = np.stack([r.valid_mask_preprocessed() for r in recon.records])
+    valid = kept_pixels_preprocessed(recon.records, recon.masks)
     return place_splats(
         recon.gaussians, recon.w2c_opencv, K_pre, valid, conf_percentile, max_splats=max_splats, seed=seed
     )
