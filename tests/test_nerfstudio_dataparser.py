@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ns_extreme.cli.process import ExtremePoses, PoseModelOptions
 from ns_extreme.io.ply import read_ply
@@ -211,6 +212,39 @@ def test_raw_image_folder_is_posed_once_and_cached(tmp_path, dev_small, one_thre
     elsewhere = tmp_path / "cache"
     parse(images, backbone=TINY, cache_dir=elsewhere)
     assert (elsewhere / "transforms.json").is_file()
+
+
+def test_raw_image_folder_with_a_known_lens_is_undistorted_before_posing(tmp_path, dev_small, one_thread, capsys):
+    """--camera-model / --camera-params in the extreme3d parser: the cached dataset holds the undistorted pinhole
+    photos and cameras (as ns-process-data extreme-poses writes them), and the lens is part of the cache key."""
+    from ns_extreme.io.undistort import parse_lens, undistort_photo
+    from ns_extreme.posing.lens import LensOptions
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    for name in ("0000.jpg", "0002.jpg", "0004.jpg"):
+        shutil.copy(dev_small / SCENE / "images" / name, images)
+    params = "700,700,384,256,-0.12,0.03,0.001,-0.001"  # the 768 x 512 photos
+    lens = LensOptions(camera_model="OPENCV", camera_params=params)
+    out = parse(images, backbone=TINY, lens=lens)
+    cache = images / ".extreme3d"
+    prov = json.loads((cache / "extreme_poses.json").read_text())
+    K = np.asarray(prov["lens_distortion"]["undistorted_K"])
+    expected_K = undistort_photo(images / "0000.jpg", tmp_path / "u.jpg", parse_lens("OPENCV", params))
+    np.testing.assert_allclose(K, expected_K)
+    assert K[0, 0] != 700.0  # alpha 0: the pinhole camera that sees no border differs from the lens's
+    np.testing.assert_allclose(out.cameras.fx.squeeze(-1).numpy(), K[0, 0], rtol=1e-5)
+    np.testing.assert_allclose(out.cameras.cx.squeeze(-1).numpy(), K[0, 2], rtol=1e-5)
+    cached = np.asarray(Image.open(cache / "images" / "0000.jpg"), dtype=np.float64)
+    assert np.abs(cached - np.asarray(Image.open(images / "0000.jpg"), dtype=np.float64)).mean() > 5  # remapped
+    assert np.abs(cached - np.asarray(Image.open(tmp_path / "u.jpg"), dtype=np.float64)).mean() < 2  # the same maps
+
+    capsys.readouterr()
+    parse(images, backbone=TINY, lens=lens)
+    assert "reusing cached poses" in capsys.readouterr().out
+    parse(images, backbone=TINY)  # no lens now: pose again
+    assert "posing again" in capsys.readouterr().out
+    assert json.loads((cache / "extreme_poses.json").read_text())["lens_distortion"] is None
 
 
 def test_foreign_cache_folder_is_not_replaced(tmp_path, dev_small):

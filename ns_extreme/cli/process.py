@@ -24,6 +24,7 @@ from typing_extensions import Annotated
 
 from ns_extreme.cli.runtime import jsonable, rearm_interrupt_signals, run_cli
 from ns_extreme.io.video import DEFAULT_NUM_FRAMES_TARGET, VIDEO_SUFFIXES, is_video_file
+from ns_extreme.posing.lens import LensOptions
 from ns_extreme.posing.model_options import PoseModelOptions
 from ns_extreme.posing.options import PosingOptions
 
@@ -113,15 +114,8 @@ class ExtremePoses:
     """Also run the pretrained (unaligned) model and store its poses in extreme_poses.json for comparison."""
     depth_format: Literal["png", "npy", "none"] = "png"
     """Per-view depth maps: 16-bit PNG in millimetres of the dataset unit, float32 .npy, or none."""
-    camera_model: Optional[Literal["OPENCV", "FULL_OPENCV", "OPENCV_FISHEYE"]] = None
-    """Lens of the photos when known (one camera for all, COLMAP's models): they are undistorted first (OpenCV) and
-    posed and exported as pinhole images; the original distortion goes to extreme_poses.json. Needs --camera-params."""
-    camera_params: Optional[str] = None
-    """OPENCV: fx,fy,cx,cy,k1,k2,p1,p2; FULL_OPENCV: fx,fy,cx,cy,k1,k2,p1,p2,k3,k4,k5,k6; OPENCV_FISHEYE:
-    fx,fy,cx,cy,k1,k2,k3,k4 (pixels of the upright originals, COLMAP convention)."""
-    fisheye_fov: float = 90.0
-    """OPENCV_FISHEYE only: horizontal field of view, degrees, of the pinhole view fisheye photos are undistorted to
-    (same size and principal point)."""
+    lens: Annotated[LensOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=LensOptions)
+    """Known lens distortion, undone before posing."""
     num_downscales: int = 3
     """Also write images_2, images_4, ... images_(2**N) downscaled copies (as nerfstudio's ns-process-data does;
     gsplat --data_factor N, nerfstudio --downscale-factor N); 0 = none."""
@@ -235,73 +229,15 @@ class ExtremePoses:
             for name in (spec.a, spec.b):
                 if name not in names:
                     raise ValueError(f"--scale-from: no photo in --data is named {name!r}")
-        if self.camera_model is not None or self.camera_params is not None:
-            usable = self._undistort(usable)
-        elif self.posing.poses_from is not None:
-            if not Path(self.posing.poses_from).exists():
-                raise FileNotFoundError(f"--poses-from: {self.posing.poses_from} not found")
-            usable = self._undistort_known(usable)
-        return usable
+        from ns_extreme.posing.lens import undistort_inputs
 
-    def _undistort_known(self, images: list[Path]) -> list[Path]:
-        """Photos whose --poses-from camera (COLMAP model or transforms.json) has distortion, undistorted into a
-        temporary folder, and a copy of --poses-from with those cameras as their undistorted pinhole ones (posing
-        then uses both)."""
-        from ns_extreme.io.undistort import LensDistortion, undistort_with_known_poses
-
+        if self.lens.lens(self.posing) is None and self.posing.poses_from is None:  # quick checks first
+            return usable
         self._undistorted_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_undistorted_"))
-        with self._console().status("undistorting photos with the --poses-from cameras ..."):
-            paths, poses, lenses = undistort_with_known_poses(
-                Path(self.posing.poses_from), images, self._undistorted_dir, self.fisheye_fov
-            )
-        if poses is not None:
-            self._lens = {"source": f"--poses-from {self.posing.poses_from}", "photos": lenses}
-            self.posing.poses_from = poses
-            self._undistort_masks(images, {n: LensDistortion(v["model"], v["params"]) for n, v in lenses.items()})
-        return paths
-
-    def _undistort_masks(self, images: list[Path], lenses: dict) -> None:
-        """--masks follow their photos through the undistortion (photos without a lens keep theirs as they are)."""
-        if self.posing.masks is None:
-            return
-        from ns_extreme.io.images import load_rgb
-        from ns_extreme.io.masks import load_mask, mask_files_by_stem, write_mask_png
-        from ns_extreme.io.undistort import undistort_mask
-
-        mask_dir = self._undistorted_dir / "masks"
-        mask_dir.mkdir()
-        for photo, mask_file in zip(images, mask_files_by_stem(self.posing.masks, images)):
-            size = load_rgb(photo).shape[1::-1]  # upright; undistortion keeps the size
-            mask, dst = load_mask(mask_file, size), mask_dir / f"{photo.stem}.png"
-            if photo.name in lenses:
-                undistort_mask(mask, dst, lenses[photo.name], self.fisheye_fov)
-            else:
-                write_mask_png(dst, mask)
-        self.posing.masks = mask_dir
-
-    def _undistort(self, images: list[Path]) -> list[Path]:
-        """Undistorted copies of ``images`` in a temporary folder (removed when ``main`` ends)."""
-        from ns_extreme.io.undistort import parse_lens, undistort_photos
-
-        if self.camera_model is None or self.camera_params is None:
-            raise ValueError("--camera-model and --camera-params go together (e.g. --camera-model OPENCV "
-                             "--camera-params fx,fy,cx,cy,k1,k2,p1,p2)")  # fmt: skip
-        if not 10.0 <= self.fisheye_fov <= 170.0:
-            raise ValueError(f"--fisheye-fov must be between 10 and 170 degrees, got {self.fisheye_fov}")
-        if self.posing.intrinsics != "auto":
-            raise ValueError("--camera-params already gives the intrinsics; leave out --intrinsics")
-        lens = parse_lens(self.camera_model, self.camera_params)
-        self._undistorted_dir = Path(tempfile.mkdtemp(prefix="ns_extreme_undistorted_"))
-        with self._console().status(f"undistorting {len(images)} photos ({lens.model}) ..."):
-            paths, K = undistort_photos(images, self._undistorted_dir, lens, self.fisheye_fov)
-        self.posing.intrinsics = ",".join(f"{v:.10g}" for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
-        self._undistort_masks(images, {p.name: lens for p in images})
-        self._lens = {
-            **lens.summary(),
-            "undistorted_K": K.tolist(),
-            **({"fisheye_fov_deg": self.fisheye_fov} if lens.model == "OPENCV_FISHEYE" else {}),
-        }
-        return paths
+        with self._console().status("undistorting photos ...") as status:
+            undistorted = undistort_inputs(usable, self.lens, self.posing, self._undistorted_dir, status.update)
+        self.posing, self._lens = undistorted.posing, undistorted.record
+        return undistorted.images
 
     def _extract_video_frames(self, video: Path) -> Path:
         """Sample the video's frames into a temporary folder (removed when ``main`` ends); returns the folder."""

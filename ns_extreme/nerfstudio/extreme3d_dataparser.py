@@ -61,6 +61,7 @@ from typing_extensions import Annotated
 
 from ns_extreme.cli.runtime import jsonable
 from ns_extreme.io.video import DEFAULT_NUM_FRAMES_TARGET, VIDEO_SUFFIXES, is_video_file
+from ns_extreme.posing.lens import LensOptions, undistort_inputs
 from ns_extreme.posing.model_options import PoseModelOptions
 from ns_extreme.posing.options import PosingOptions
 
@@ -114,6 +115,8 @@ class Extreme3DDataParserConfig(DataParserConfig):
     """Raw image folders only: the model used to pose them."""
     posing: Annotated[PosingOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=PosingOptions)
     """Raw image folders only: posing options (as for ns-process-data extreme-poses)."""
+    lens: Annotated[LensOptions, tyro.conf.OmitArgPrefixes] = field(default_factory=LensOptions)
+    """Raw image folders only: known lens distortion, undone before posing (as for ns-process-data extreme-poses)."""
     depth_format: Literal["png", "npy", "none"] = "png"
     """Raw image folders only: depth maps written into the cached dataset."""
     num_frames_target: int = DEFAULT_NUM_FRAMES_TARGET
@@ -256,6 +259,8 @@ class Extreme3DDataParser(DataParser, ViewerControl):
             "backbone": jsonable(self.config.backbone),
             "posing": jsonable(self.config.posing),
             "depth_format": self.config.depth_format,
+            # only when set: caches written before lens options existed stay valid
+            **({"lens": jsonable(self.config.lens)} if self.config.lens != LensOptions() else {}),
         }
 
     def _posed_image_folder(self, data: Path, images: List[Path]) -> Path:
@@ -302,21 +307,25 @@ class Extreme3DDataParser(DataParser, ViewerControl):
         from ns_extreme.posing.priors import check_priors_supported
 
         check_priors_supported(self.config.backbone.model, self.config.posing.depth_from)
+        self.config.lens.lens(self.config.posing)  # its quick checks before any photo is copied
 
         CONSOLE.print(f"[bold]extreme3d:[/bold] posing {len(images)} images of {data} (cache: {cache})")
         backbone, _, report = load_backbone(self.config.backbone, say=CONSOLE.print)
         CONSOLE.print(report.summary())  # names the weights' licence
-        recon = pose_images(images, backbone, self.config.posing, progress=True)
-        extra = {
-            "command": "extreme3d dataparser (on the fly)",
-            "model": jsonable(report),
-            "model_size": self.config.backbone.model_size,
-            "network_input_size": backbone.target_size,
-            "input": {"folder": str(data.absolute()), "images": len(images)},
-            "depth_format": self.config.depth_format,
-            CACHE_KEY: key,
-        }
-        write_dataset(recon, cache, overwrite=exists, depth_format=self.config.depth_format, extra_provenance=extra)
+        with tempfile.TemporaryDirectory(prefix="ns_extreme_undistorted_") as folder:
+            inputs = undistort_inputs(images, self.config.lens, self.config.posing, Path(folder), CONSOLE.print)
+            recon = pose_images(inputs.images, backbone, inputs.posing, progress=True)
+            extra = {
+                "command": "extreme3d dataparser (on the fly)",
+                "model": jsonable(report),
+                "model_size": self.config.backbone.model_size,
+                "network_input_size": backbone.target_size,
+                "input": {"folder": str(data.absolute()), "images": len(images)},
+                "depth_format": self.config.depth_format,
+                "lens_distortion": inputs.record,
+                CACHE_KEY: key,
+            }
+            write_dataset(recon, cache, overwrite=exists, depth_format=self.config.depth_format, extra_provenance=extra)
         return cache
 
     # ------------------------------------------------------------------ parsing
