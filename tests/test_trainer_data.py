@@ -461,14 +461,26 @@ def test_fisheye_becomes_a_pinhole_view_of_the_documented_field_of_view(herz: Re
     assert np.linalg.norm(found - uv_expected, axis=1).max() < 0.5
 
 
+def _extreme_poses(photos: Path, out: Path, *options: str) -> dict:
+    """``ns-process-data extreme-poses`` (tiny random model, no refinement) as a user runs it; its provenance."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [
+        str(Path(sys.executable).parent / "ns-process-data"), "extreme-poses", "--data", str(photos),
+        "--output-dir", str(out), "--model-size", "tiny", "--weights", "random", "--no-refine", *options,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((out / "extreme_poses.json").read_text())
+
+
 # ---------------------------------------------------------------------------------------------- the command
 
 
 def test_command_with_lens_masks_and_one_downscale(herz: Reference, tmp_path: Path) -> None:
     """ns-process-data extreme-poses end to end (tiny random model): undistorted pinhole photos, masks, images_2."""
-    import os
-    import subprocess
-    import sys
 
     photos, masks = tmp_path / "photos", tmp_path / "masks"
     photos.mkdir()
@@ -481,15 +493,8 @@ def test_command_with_lens_masks_and_one_downscale(herz: Reference, tmp_path: Pa
     K = herz.K[0]
     params = ",".join(map(str, [K[0, 0], K[1, 1], K[0, 2], K[1, 2], -0.1, 0.02, 0.0, 0.0]))
     out = tmp_path / "dataset"
-    cmd = [
-        str(Path(sys.executable).parent / "ns-process-data"), "extreme-poses", "--data", str(photos),
-        "--output-dir", str(out), "--model-size", "tiny", "--weights", "random", "--no-refine",
-        "--masks", str(masks), "--camera-model", "OPENCV", "--camera-params", params, "--num-downscales", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    prov = json.loads((out / "extreme_poses.json").read_text())
+    prov = _extreme_poses(photos, out, "--masks", str(masks), "--camera-model", "OPENCV", "--camera-params", params,
+                          "--num-downscales", "1")  # fmt: skip
     lens = prov["lens_distortion"]
     assert lens["model"] == "OPENCV" and lens["params"][4] == -0.1
     frames = json.loads((out / "transforms.json").read_text())["frames"]
@@ -534,9 +539,6 @@ def test_poses_from_distortion_is_undone_with_the_models_own_lens(dev_small: Pat
 
 
 def test_command_poses_from_a_distorted_model(dev_small: Path, tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
 
     import pycolmap
 
@@ -545,14 +547,7 @@ def test_command_poses_from_a_distorted_model(dev_small: Path, tmp_path: Path) -
     for p in sorted((dev_small / SACRE / "images").iterdir())[:3]:
         (photos / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "dataset"
-    cmd = [
-        str(Path(sys.executable).parent / "ns-process-data"), "extreme-poses", "--data", str(photos),
-        "--output-dir", str(out), "--model-size", "tiny", "--weights", "random", "--no-refine",
-        "--poses-from", str(dev_small / SACRE / "sparse" / "0"), "--num-downscales", "0",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    prov = json.loads((out / "extreme_poses.json").read_text())
+    prov = _extreme_poses(photos, out, "--poses-from", str(dev_small / SACRE / "sparse" / "0"), "--num-downscales", "0")
     assert not any("distortion" in w for w in prov["warnings"]), prov["warnings"]
     lenses = prov["lens_distortion"]["photos"]
     assert len(lenses) == 3 and all(v["colmap_model"] == "SIMPLE_RADIAL" for v in lenses.values())
@@ -637,9 +632,6 @@ def test_poses_from_transforms_json_fisheye_without_coefficients_is_still_a_fish
 def test_command_poses_from_a_transforms_json_with_a_lens(herz: Reference, tmp_path: Path) -> None:
     """ns-process-data extreme-poses --poses-from transforms.json with a lens: photos undistorted, no lens warning,
     the given poses kept (relative poses exactly) with the undistorted pinhole cameras."""
-    import os
-    import subprocess
-    import sys
 
     from ns_extreme.io.colmap_model import read_colmap_model
 
@@ -650,14 +642,7 @@ def test_command_poses_from_a_transforms_json_with_a_lens(herz: Reference, tmp_p
         (photos / p.name).write_bytes(p.read_bytes())
     json_path = _transforms_with_lens(ref, tmp_path / "given", NS_LENS)
     out = tmp_path / "dataset"
-    cmd = [
-        str(Path(sys.executable).parent / "ns-process-data"), "extreme-poses", "--data", str(photos),
-        "--output-dir", str(out), "--model-size", "tiny", "--weights", "random", "--no-refine",
-        "--poses-from", str(json_path), "--num-downscales", "0",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    prov = json.loads((out / "extreme_poses.json").read_text())
+    prov = _extreme_poses(photos, out, "--poses-from", str(json_path), "--num-downscales", "0")
     assert not any("distortion" in w for w in prov["warnings"]), prov["warnings"]
     lenses = prov["lens_distortion"]["photos"]
     assert sorted(lenses) == ref.names and all(v["nerfstudio_model"] == "OPENCV" for v in lenses.values())
