@@ -599,6 +599,11 @@ POSES_ERRORS = [
     ("depth-prior-for-a-model-without-one", ["--depth-from", "{root}"], ["--depth-from: vggt takes no depth prior"]),
     ("splats-from-a-model-without-them", ["--write-splats"], ["--write-splats: vggt predicts no 3D Gaussians"]),
     (
+        "splat-voxel-size-negative",
+        ["--model", "worldmirror", "--write-splats", "--splat-voxel-size", "-0.1"],
+        ["--splat-voxel-size must be in [0, 1)"],
+    ),
+    (
         "depth-prior-folder-missing",
         ["--model", "worldmirror", "--depth-from", "{root}/nodepth"],
         ["--depth-from: folder not found", "nodepth"],

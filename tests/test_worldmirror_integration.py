@@ -269,6 +269,45 @@ def test_splats_sit_on_their_pixel_rays_in_the_world_and_are_filtered():
     assert len(place_splats(g, w2c, K, np.zeros_like(valid))) == 0
 
 
+def test_exported_splats_are_the_reference_inference_splats():
+    """The export chain (per-pixel Gaussians, placed with the cameras, voxel-merged) gives the splats of the
+    reference's own inference path (ported as ``splats_from_gaussian_params``): same centres, colours, scales,
+    rotations and, above all, opacities, which the reference takes from its merge weights, not its opacity channel."""
+    from ns_extreme.models.worldmirror.modules import splats_from_gaussian_params
+    from ns_extreme.posing.splats import merge_voxels
+    from ns_extreme.posing.worldmirror import pixel_gaussians
+
+    S, H, W = 3, 6, 8
+    g = torch.Generator().manual_seed(0)
+    params = torch.randn(1, S, H, W, 12, generator=g)
+    params[..., 0] += 3.0  # scalar parts > 0: the export's canonical rotations are the reference's own
+    depth = torch.rand(1, S, H, W, 1, generator=g) + 1.0
+    images = torch.rand(S, 3, H, W, generator=g)
+    R_w2c = Rotation.random(S, random_state=1).as_matrix()
+    w2c = np.concatenate((R_w2c, np.random.default_rng(2).normal(size=(S, 3, 1))), axis=-1)
+    K = np.tile(np.array([[5.0, 0, W / 2], [0, 5.0, H / 2], [0, 0, 1]]), (S, 1, 1))  # pixel centres at +0.5
+    out = {"gs_params": params, "gs_depth": depth, "gs_depth_conf": torch.ones(1, S, H, W)}
+
+    ours = pixel_gaussians(out, images, torch.from_numpy(R_w2c).float())
+    placed = place_splats(ours, w2c, K, np.ones((S, H, W), bool), conf_percentile=0.0, min_opacity=0.0,
+                          max_splats=None)  # fmt: skip
+    c2w = torch.from_numpy(np.stack([invert_rigid(np.vstack([m, [0, 0, 0, 1]])) for m in w2c])).float()
+    K_ref = torch.from_numpy(K).float().clone()
+    K_ref[:, :2, 2] -= 0.5  # the reference's pixel centres are at integers
+    for voxel in (1e-4, 0.4):  # every Gaussian alone, then many merged
+        merged = merge_voxels(placed, voxel)
+        ref = splats_from_gaussian_params(params[0].permute(0, 3, 1, 2), images[None], depth, c2w[None], K_ref[None],
+                                          1, voxel)  # fmt: skip
+        ref = {k: v[0].numpy() for k, v in ref.items()}
+        assert len(merged) == len(ref["means"]) and (len(merged) < S * H * W) == (voxel > 0.01)
+        a, b = np.lexsort(merged.means.T), np.lexsort(ref["means"].T)
+        np.testing.assert_allclose(merged.means[a], ref["means"][b], atol=1e-5)
+        np.testing.assert_allclose(merged.opacity[a], ref["opacities"][b], atol=1e-6)
+        np.testing.assert_allclose(merged.scales[a], ref["scales"][b], atol=1e-6)
+        np.testing.assert_allclose(merged.f_dc[a], ref["sh"][b][:, 0], atol=1e-5)
+        np.testing.assert_allclose(merged.quats_wxyz[a], ref["quats"][b], atol=1e-5)
+
+
 def test_splat_rotations_stay_in_the_network_world_for_every_view():
     """The reference's Gaussian rotations are in the network's world (camera 0), never per view: taken into each
     view's camera frame with the predicted pose and placed back with that same pose, every view gives them back."""
@@ -408,6 +447,7 @@ def test_extreme_poses_with_worldmirror_priors_normals_and_splats(dev_small: Pat
 
     splats = read_gaussian_ply(out / "splats.ply")
     assert 0 < len(splats["means"]) == prov["outputs"]["splats"]["count"] <= 4000
+    assert prov["splat_voxel_size"] == 0.002
     np.testing.assert_allclose(np.linalg.norm(splats["quats_wxyz"], axis=-1), 1.0, atol=1e-5)
     assert (splats["opacity"] >= 0.05 - 1e-6).all()
     # same world as sparse_pc.ply (transforms.json's): the splats' centre lies inside the point cloud's extent

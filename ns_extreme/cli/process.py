@@ -128,6 +128,9 @@ class ExtremePoses:
     cloud, usable as a splatfacto initialisation (set "ply_file_path": "splats.ply" in transforms.json)."""
     max_splats: int = 1_000_000
     """With --write-splats: keep at most this many Gaussians (a random subset of those that pass the filters)."""
+    splat_voxel_size: float = 0.002
+    """With --write-splats: Gaussians whose centres share a voxel of this edge, relative to their median depth, are
+    merged into one (opacity-weighted, as the reference's export); 0 = one Gaussian per kept pixel."""
     overwrite: bool = False
     """Replace an existing output folder."""
     verbose: bool = False
@@ -146,6 +149,9 @@ class ExtremePoses:
             check_splats_supported(self.backbone.model)
         if self.max_splats < 1:
             raise ValueError(f"--max-splats must be positive, got {self.max_splats}")
+        if not 0 <= self.splat_voxel_size < 1:
+            raise ValueError(f"--splat-voxel-size must be in [0, 1) (relative to the median depth), got "
+                             f"{self.splat_voxel_size}")  # fmt: skip
 
     def _check_paths(self) -> list[Path]:
         """Check the input and output before any model is loaded; returns the images to pose.
@@ -346,7 +352,10 @@ class ExtremePoses:
         if self.write_splats:
             from ns_extreme.posing.splats import splats_from_reconstruction
 
-            splats = splats_from_reconstruction(recon, self.posing.conf_percentile, self.max_splats, self.posing.seed)
+            splats = splats_from_reconstruction(
+                recon, self.posing.conf_percentile, self.max_splats, self.posing.seed, self.splat_voxel_size
+            )
+            extra["splat_voxel_size"] = self.splat_voxel_size
         with console.status("writing dataset ..."):
             t = time.perf_counter()
             out = write_dataset(

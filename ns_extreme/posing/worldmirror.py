@@ -38,7 +38,9 @@ class PixelGaussians:
     scales: np.ndarray
     """[S, H, W, 3] float32 standard deviations along the Gaussian's axes."""
     opacity: np.ndarray
-    """[S, H, W] float32 in (0, 1)."""
+    """[S, H, W] float32 in (0, 1): the sigmoid of the merge-weight channel. The reference always voxel-merges its
+    Gaussians before rendering (also in training) and renders the merged opacity sum(w²) / sum(w) of these weights
+    (w itself for a Gaussian alone in its voxel); its opacity channel is never rendered."""
     f_dc: np.ndarray
     """[S, H, W, 3] float32 degree-0 SH coefficients of the colour."""
 
@@ -125,11 +127,11 @@ class WorldMirrorBackbone(VGGTBackbone):
 
 def pixel_gaussians(out: dict, images: torch.Tensor, R_w2c: torch.Tensor) -> PixelGaussians:
     """WorldMirror's raw per-pixel Gaussian parameters (batch element 0) as ``PixelGaussians``: activations as the
-    reference applies them (normalised quaternion, ``exp`` scales clamped to ``MAX_SPLAT_SCALE``, sigmoid opacity,
-    SH DC = the pixel colour's coefficient + the predicted residual), rotations moved from the network's world
-    (camera 0) into each view's camera frame."""
-    params = out["gs_params"][0].float()  # [S, H, W, 12]
-    quats, scales, opacity, rest = torch.split(params, [4, 3, 1, params.shape[-1] - 8], dim=-1)
+    reference applies them (normalised quaternion, ``exp`` scales clamped to ``MAX_SPLAT_SCALE``, sigmoid merge
+    weight as the opacity, SH DC = the pixel colour's coefficient + the predicted residual), rotations moved from
+    the network's world (camera 0) into each view's camera frame."""
+    params = out["gs_params"][0].float()  # [S, H, W, 12]: quat 4, scale 3, opacity 1, SH residual 3, merge weight 1
+    quats, scales, _, rest, weight = torch.split(params, [4, 3, 1, params.shape[-1] - 9, 1], dim=-1)
     q = quats / (quats.norm(dim=-1, keepdim=True) + 1e-8)  # w, x, y, z (as the reference hands them to gsplat)
     R_world = _quat_wxyz_to_matrix(q)
     R_cam = R_w2c.float().to(params.device)[:, None, None] @ R_world
@@ -141,7 +143,7 @@ def pixel_gaussians(out: dict, images: torch.Tensor, R_w2c: torch.Tensor) -> Pix
         confidence=out["gs_depth_conf"][0].float().cpu().numpy(),
         quats_wxyz=torch.cat((xyzw[..., 3:], xyzw[..., :3]), dim=-1).cpu().numpy(),
         scales=scales.exp().clamp_max(MAX_SPLAT_SCALE).cpu().numpy(),
-        opacity=torch.sigmoid(opacity[..., 0]).cpu().numpy(),
+        opacity=torch.sigmoid(weight[..., 0]).cpu().numpy(),
         f_dc=f_dc.cpu().numpy(),
     )
 
