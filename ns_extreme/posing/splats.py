@@ -22,8 +22,9 @@ from ns_extreme.io.masks import kept_pixels_preprocessed
 DEFAULT_MAX_SPLATS = 1_000_000
 DEFAULT_MIN_OPACITY = 0.05
 DEFAULT_VOXEL_SIZE = 0.002
-"""Voxel edge of the merge, relative to the median depth of the Gaussians: the reference merges at 0.002 in its
-normalised world, whose scale is that of the median depth."""
+"""Voxel edge of the merge, relative to the median depth of the Gaussians. The reference merges at 0.002 units of
+its predicted, relative-scale world; here the edge follows the scene, whatever the dataset's units (metres after
+--scale-from, a --poses-from world's own)."""
 
 
 @dataclass
