@@ -622,6 +622,7 @@ def test_poses_from_transforms_json_fisheye_without_coefficients_is_still_a_fish
 
     ref = herz.subset([0])
     json_path = _transforms_with_lens(ref, tmp_path / "given", {}, camera_model="OPENCV_FISHEYE")
+    assert read_known_poses(json_path).distorted == ref.names  # posing without undistortion warns about it
     (tmp_path / "out").mkdir()
     _, new_json, lenses = undistort_with_known_poses(json_path, ref.paths, tmp_path / "out", fisheye_fov_deg=100.0)
     assert lenses[ref.names[0]]["model"] == "OPENCV_FISHEYE"

@@ -29,14 +29,19 @@ def read_known_poses(path: Path) -> KnownPoses:
 
         names, w2c, K, sizes, meta = read_transforms_json(path, in_original_world=False)
         names = [Path(n).name for n in names]
-        distorted = [n for n, d in zip(names, meta["distortion_params"]) if np.any(np.asarray(d) != 0)]
+        fisheye = meta["camera_model"] == "OPENCV_FISHEYE"  # equidistant even without coefficients
+        distorted = [n for n, d in zip(names, meta["distortion_params"]) if fisheye or np.any(np.asarray(d) != 0)]
         return KnownPoses(names, w2c, K, sizes, f"transforms.json {path}", distorted)
     if path.is_dir() and any((path / f"cameras.{ext}").is_file() for ext in ("bin", "txt")):
         from ns_extreme.io.colmap_model import read_colmap_model
 
         model = read_colmap_model(path)
         names = [Path(n).name for n in model.image_names]
-        distorted = [n for n, extra in zip(names, model.extra_params) if np.any(np.asarray(extra) != 0)]
+        distorted = [
+            n
+            for n, extra, camera in zip(names, model.extra_params, model.camera_models)
+            if "FISHEYE" in camera or np.any(np.asarray(extra) != 0)
+        ]
         return KnownPoses(names, model.w2c_opencv, model.K, model.sizes_wh, f"COLMAP {path}", distorted)
     raise FileNotFoundError(
         f"--poses-from {path}: expected a COLMAP model folder (cameras, images .bin or .txt) or a transforms.json"
