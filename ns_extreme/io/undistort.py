@@ -89,11 +89,18 @@ def undistorted_camera(lens: LensDistortion, size_wh: Sequence[int], fisheye_fov
     return new_K, map_x, map_y
 
 
-def undistort_photo(src: Path, dst: Path, lens: LensDistortion, fisheye_fov_deg: float = FISHEYE_FOV_DEG) -> np.ndarray:
-    """Write the undistorted ``src`` (upright, EXIF carried over) to ``dst``; returns its pinhole K."""
+def undistort_photo(
+    src: Path,
+    dst: Path,
+    lens: LensDistortion,
+    fisheye_fov_deg: float = FISHEYE_FOV_DEG,
+    rgb: np.ndarray | None = None,
+) -> np.ndarray:
+    """Write the undistorted ``src`` (upright, EXIF carried over) to ``dst``; returns its pinhole K. ``rgb``: ``src``
+    already decoded (``load_rgb``), so that a caller that has read it does not decode it twice."""
     import cv2
 
-    rgb = load_rgb(src)
+    rgb = load_rgb(src) if rgb is None else rgb
     h, w = rgb.shape[:2]
     new_K, map_x, map_y = undistorted_camera(lens, (w, h), fisheye_fov_deg)
     out = cv2.remap(rgb, map_x, map_y, interpolation=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT)
@@ -161,14 +168,15 @@ def lens_from_nerfstudio(camera_model: str, K: np.ndarray, distortion: Sequence[
 
 def _undistort_known_photo(photo: Path, lens: LensDistortion, size_wh, source: Path, folder: Path, fov: float):
     """``photo`` undistorted into ``folder`` with its --poses-from lens; returns (path, pinhole K)."""
-    w, h = load_rgb(photo).shape[1::-1]  # upright size
+    rgb = load_rgb(photo)
+    h, w = rgb.shape[:2]  # upright size
     if (w, h) != tuple(int(v) for v in size_wh):
         raise ValueError(
             f"--poses-from {source}: {photo.name} is {w}x{h} but its camera is {int(size_wh[0])}x{int(size_wh[1])}; "
             "undistortion needs the photos the poses were made from"
         )
     dst = folder / (photo.name if photo.suffix.lower() in (".jpg", ".jpeg", ".png") else f"{photo.stem}.png")
-    return dst, undistort_photo(photo, dst, lens, fov)
+    return dst, undistort_photo(photo, dst, lens, fov, rgb)
 
 
 def undistort_with_known_poses(
