@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ns_extreme.models.testing import perturb_trivial_parameters
 from ns_extreme.models.vggt import VGGT, VGGTConfig
 
 
@@ -13,11 +14,7 @@ from ns_extreme.models.vggt import VGGT, VGGTConfig
 def tiny() -> VGGT:
     torch.manual_seed(0)
     model = VGGT(VGGTConfig.tiny()).eval()
-    # Default init zeroes biases and sets LayerScale to 0.01, which would hide wiring mistakes.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("bias", "gamma", "token")) or p.ndim == 1:
-                p.normal_(0, 0.3)
+    perturb_trivial_parameters(model)  # default init would hide wiring mistakes
     return model
 
 

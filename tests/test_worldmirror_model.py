@@ -11,6 +11,7 @@ from conftest import read_key_list
 from torch import nn
 
 from ns_extreme.models.bias import BiasSet, apply_bias_tensors, read_bias_checkpoint
+from ns_extreme.models.testing import perturb_trivial_parameters
 from ns_extreme.models.worldmirror import WORLDMIRROR_HEADS, WorldMirror, WorldMirrorConfig, build_worldmirror
 
 WM_PARAMETERS = 1_263_337_002
@@ -69,11 +70,8 @@ def test_released_bias_checkpoint_applies_exactly(bias_ckpts):
 def tiny(one_thread) -> WorldMirror:
     torch.manual_seed(0)
     model = WorldMirror(WorldMirrorConfig.tiny()).eval()
-    # Default init zeroes biases and sets LayerScale to 0.01, which would hide wiring mistakes.
+    perturb_trivial_parameters(model)  # default init would hide wiring mistakes
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("bias", "gamma", "token")) or p.ndim == 1:
-                p.normal_(0, 0.3)
         model.cam_head.param_predictor.fc2.bias[7:] += 0.5  # positive fields of view: finite focal lengths
     return model
 

@@ -63,6 +63,15 @@ PLAUSIBLE_OUTPUTS: dict[str, Callable[[nn.Module], None]] = {
 """Per registry name: makes a randomly initialised model's outputs usable downstream (absent: left as is)."""
 
 
+@torch.no_grad()
+def perturb_trivial_parameters(model: nn.Module, std: float = 0.3) -> None:
+    """Redraw the parameters default init leaves trivial (zero biases and tokens, LayerScale 0.01) from N(0, std),
+    with torch's global generator, so that wiring mistakes show in a random model's outputs."""
+    for name, p in model.named_parameters():
+        if name.endswith(("bias", "gamma", "token")) or p.ndim == 1:
+            p.normal_(0, std)
+
+
 def make_outputs_plausible(name: str, model: nn.Module) -> None:
     """Apply the model's ``PLAUSIBLE_OUTPUTS`` entry, if any, to a randomly initialised ``model``."""
     fix = PLAUSIBLE_OUTPUTS.get(name)
